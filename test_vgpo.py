@@ -1,0 +1,426 @@
+"""
+The tests of this project, read as its specification: each test names the property it
+proves. Run them with `python -m pytest -q test_vgpo.py`.
+
+The naive references below are written from ../shared/VGPO.md token by token, with
+Python floats (float64) and plain loops, as far from the vectorised code as possible;
+bench.py times the vectorised functions against these same loops.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vgpo
+
+
+# -----------------------------------------------------------------------------
+# naive references, one loop per step of the spec
+
+def naive_vgpo_advantages(rewards, group_ids, focus, response_mask, has_image=None, *,
+                          intra=True, inter=True, compensation=True, gate=True,
+                          beta=0.3, kappa=0.2, gamma=0.5, schedule="linear", start=0.0,
+                          exponent=2.0, step_at=0.5, python_floats=True):
+    """Steps 0-6 of VGPO.md, one token at a time. Returns (A as nested lists, alpha, psi).
+
+    python_floats=False runs the very same loop on torch scalars (rewards[i],
+    focus[i][t]), the way a first PyTorch draft reads; bench.py times both.
+    """
+    R, S = rewards.double(), focus.double()
+    if python_floats:
+        R, S = R.tolist(), S.tolist()
+    gid = group_ids.tolist()
+    M = response_mask.tolist()
+    N = len(R)
+    H = [True] * N if has_image is None else has_image.tolist()
+    L = [sum(row) for row in M]
+    groups = {}
+    for i, g in enumerate(gid):
+        groups.setdefault(g, []).append(i)
+
+    # Step 0: GRPO advantage, Bessel-corrected std, all-equal groups get 0
+    A0 = [0.0] * N
+    for rows in groups.values():
+        rs = [R[i] for i in rows]
+        mean = sum(rs) / len(rs)
+        std = math.sqrt(sum((r - mean) ** 2 for r in rs) / (len(rs) - 1))
+        for i in rows:
+            A0[i] = 0.0 if max(rs) == min(rs) else (R[i] - mean) / (std + 1e-6)
+
+    # Step 1: w = min-max of s over all valid tokens of the group
+    w = [[0.0] * len(M[i]) for i in range(N)]
+    for rows in groups.values():
+        vals = [S[i][t] for i in rows for t in range(L[i])]
+        lo, hi = min(vals), max(vals)
+        for i in rows:
+            for t in range(L[i]):
+                w[i][t] = (S[i][t] - lo) / (hi - lo + 1e-8)
+
+    psi = [[1.0] * len(M[i]) for i in range(N)]
+    w_hat = [[0.0] * len(M[i]) for i in range(N)]
+    for i in range(N):
+        T = L[i]
+        # Step 2: compensation c along the response
+        c = [0.0] * T
+        for t in range(T):
+            x = t / (T - 1) if T > 1 else 0.0
+            if not compensation:
+                c[t] = 0.0
+            elif schedule == "linear":
+                c[t] = beta * (x - start) / (1 - start + 1e-8) if x >= start else 0.0
+            elif schedule == "exp":
+                c[t] = beta * min(max((x - start) / (1 - start), 0.0), 1.0) ** exponent
+            else:
+                c[t] = beta if (x >= step_at and x >= start) else 0.0
+        # Step 3: gate, top-k of the tail, ties included
+        G = [1] * T
+        if gate:
+            tail_start = math.floor(gamma * T)
+            tail = [w[i][t] for t in range(tail_start, T)]
+            k = max(1, math.floor(kappa * len(tail)))
+            tau = sorted(tail, reverse=True)[k - 1]
+            G = [1 if (t >= tail_start and w[i][t] >= tau) else 0 for t in range(T)]
+        w_tilde = [w[i][t] * (1 + G[t] * c[t]) for t in range(T)]
+        # Step 4: ŵ = per-response min-max (of w̃, or of w when intra is off); ψ
+        src = w_tilde if intra else w[i][:T]
+        lo, hi = min(src), max(src)
+        for t in range(T):
+            w_hat[i][t] = (src[t] - lo) / (hi - lo + 1e-8)
+        if intra and H[i]:
+            mean = sum(w_hat[i][:T]) / T
+            for t in range(T):
+                psi[i][t] = min(max(1 + w_hat[i][t] - mean, 0.1), 2.0)
+
+    # Step 5: α from the visual accumulation φ, min-max within the group
+    alpha = [1.0] * N
+    if inter:
+        phi = [sum(w_hat[i][:L[i]]) for i in range(N)]
+        for rows in groups.values():
+            lo, hi = min(phi[i] for i in rows), max(phi[i] for i in rows)
+            phi_hat = {i: (phi[i] - lo) / (hi - lo + 1e-8) for i in rows}
+            mean = sum(phi_hat.values()) / len(rows)
+            for i in rows:
+                alpha[i] = min(max(1 + phi_hat[i] - mean, 0.9), 2.0) if H[i] else 1.0
+
+    # Step 6: A = Â α ψ on valid tokens, 0 on padding
+    A = [[float(A0[i] * alpha[i] * psi[i][t]) if t < L[i] else 0.0 for t in range(len(M[i]))]
+         for i in range(N)]
+    return A, [float(a) for a in alpha], [[float(p) for p in row] for row in psi]
+
+
+def naive_visual_focus(response_hidden, prompt_hidden, image_mask):
+    """Step 1 with torch's own cosine_similarity, one token at a time."""
+    N, T, _ = response_hidden.shape
+    s = torch.zeros(N, T)
+    for i in range(N):
+        v = prompt_hidden[i][image_mask[i]].float().mean(dim=0)
+        for t in range(T):
+            s[i, t] = F.cosine_similarity(response_hidden[i, t].float(), v, dim=0)
+    return s
+
+
+# -----------------------------------------------------------------------------
+# a batch with every awkward case the spec names
+
+def make_batch(seed=0, T=12):
+    """16 responses in 5 prompts, rows of each prompt scattered across the batch.
+
+    prompt 10: lengths 1, 2, 12, 7 (length-1 and length-2 responses), mixed rewards
+    prompt 3 : rewards all equal -> GRPO advantage 0
+    prompt 7 : one response whose focus is flat (the same s at every token)
+    prompt 5 : no image -> neutral factors
+    prompt 42: five responses, random everything
+    """
+    g = torch.Generator().manual_seed(seed)
+    spec = [  # (prompt id, length, reward, flat focus, has image)
+        (10, 1, 1.0, False, True), (10, 2, 0.0, False, True), (10, 12, 1.0, False, True),
+        (10, 7, 0.0, False, True),
+        (3, 5, 1.0, False, True), (3, 9, 1.0, False, True), (3, 11, 1.0, False, True),
+        (7, 8, 0.0, True, True), (7, 10, 1.0, False, True), (7, 3, 1.0, False, True),
+        (7, 12, 0.0, False, True),
+        (5, 6, 1.0, False, False), (5, 4, 0.0, False, False),
+    ] + [(42, int(torch.randint(1, T + 1, (1,), generator=g)),
+          float(torch.randint(0, 2, (1,), generator=g)), False, True) for _ in range(3)]
+    spec[-1] = (42, spec[-1][1], 1.0 - spec[-2][2], False, True)         # not all equal
+    perm = torch.randperm(len(spec), generator=g).tolist()               # scatter groups
+    spec = [spec[p] for p in perm]
+    N = len(spec)
+    group_ids = torch.tensor([s[0] for s in spec])
+    rewards = torch.tensor([s[2] for s in spec])
+    lengths = torch.tensor([s[1] for s in spec])
+    response_mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    focus = torch.rand(N, T, generator=g) * 2 - 1
+    for i, s in enumerate(spec):
+        if s[3]:
+            focus[i] = 0.25
+    focus = torch.where(response_mask, focus, 1e3)                       # junk on padding
+    has_image = torch.tensor([s[4] for s in spec])
+    return rewards, group_ids, focus, response_mask, has_image
+
+
+SWITCHES = list(itertools.product([True, False], repeat=4))
+
+
+# -----------------------------------------------------------------------------
+# 1. parity with the naive reference
+
+@pytest.mark.parametrize("schedule", vgpo.SCHEDULES)
+@pytest.mark.parametrize("intra,inter,compensation,gate", SWITCHES)
+def test_vgpo_advantages_match_the_naive_loop(intra, inter, compensation, gate, schedule):
+    rewards, group_ids, focus, mask, has_image = make_batch(seed=len(schedule))
+    kw = dict(intra=intra, inter=inter, compensation=compensation, gate=gate,
+              schedule=schedule, start=0.1 if schedule == "exp" else 0.0)
+    adv, stats = vgpo.vgpo_advantages(rewards, group_ids, focus, mask, has_image, **kw)
+    ref, alpha, psi = naive_vgpo_advantages(rewards, group_ids, focus, mask, has_image, **kw)
+    torch.testing.assert_close(adv, torch.tensor(ref, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats["alpha"], torch.tensor(alpha, dtype=torch.float32))
+    torch.testing.assert_close(stats["psi"], torch.tensor(psi, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_vgpo_advantages_match_the_naive_loop_on_random_groups(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    N, T = 24, 40
+    group_ids = torch.randint(0, 4, (N,), generator=g) * 13             # ~6 rows a prompt
+    group_ids[:8] = torch.arange(4).repeat(2) * 13                       # every group >= 2
+    rewards = torch.rand(N, generator=g)
+    lengths = torch.randint(1, T + 1, (N,), generator=g)
+    mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    focus = torch.randn(N, T, generator=g)
+    kw = dict(beta=0.5, kappa=0.3, gamma=0.4)
+    adv, _ = vgpo.vgpo_advantages(rewards, group_ids, focus, mask, **kw)
+    ref, _, _ = naive_vgpo_advantages(rewards, group_ids, focus, mask, **kw)
+    torch.testing.assert_close(adv, torch.tensor(ref, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+
+
+def test_the_awkward_cases_get_the_spec_values():
+    rewards, group_ids, focus, mask, has_image = make_batch()
+    adv, stats = vgpo.vgpo_advantages(rewards, group_ids, focus, mask, has_image)
+    lengths = mask.sum(1)
+    equal_group = group_ids == 3
+    assert (adv[equal_group] == 0).all(), "all-equal rewards must give A = 0"
+    no_image = group_ids == 5
+    assert (stats["psi"][no_image] == 1).all() and (stats["alpha"][no_image] == 1).all()
+    assert (adv[no_image][mask[no_image]] != 0).all(), "no-image prompts are plain GRPO"
+    one = lengths == 1
+    assert (stats["psi"][one] == 1).all(), "a length-1 response has nothing to re-weight"
+    assert (adv[~mask] == 0).all(), "padding carries no advantage"
+
+
+# -----------------------------------------------------------------------------
+# 2. invariances
+
+def test_shuffling_rows_does_not_change_any_rows_result():
+    rewards, group_ids, focus, mask, has_image = make_batch(seed=3)
+    adv, stats = vgpo.vgpo_advantages(rewards, group_ids, focus, mask, has_image)
+    perm = torch.randperm(rewards.numel(), generator=torch.Generator().manual_seed(9))
+    adv_p, stats_p = vgpo.vgpo_advantages(rewards[perm], group_ids[perm], focus[perm],
+                                          mask[perm], has_image[perm])
+    torch.testing.assert_close(adv_p, adv[perm])
+    torch.testing.assert_close(stats_p["alpha"], stats["alpha"][perm])
+
+
+def test_a_groups_result_does_not_depend_on_the_other_groups_in_the_batch():
+    rewards, group_ids, focus, mask, has_image = make_batch(seed=4)
+    adv, _ = vgpo.vgpo_advantages(rewards, group_ids, focus, mask, has_image)
+    for gid in group_ids.unique():
+        rows = group_ids == gid
+        alone, _ = vgpo.vgpo_advantages(rewards[rows], group_ids[rows], focus[rows],
+                                        mask[rows], has_image[rows])
+        torch.testing.assert_close(alone, adv[rows])
+
+
+def test_psi_averages_to_one_over_a_response_when_the_clamp_does_not_bite():
+    rewards, group_ids, focus, mask, has_image = make_batch(seed=5)
+    _, stats = vgpo.vgpo_advantages(rewards, group_ids, focus, mask, has_image)
+    w_hat, psi = stats["w_hat"], stats["psi"]
+    lengths = mask.sum(1)
+    unclamped = 1 + w_hat - (w_hat * mask).sum(1, keepdim=True) / lengths.unsqueeze(1)
+    inside = ((unclamped >= 0.1) & (unclamped <= 2.0) | ~mask).all(1)
+    assert inside.sum() >= 10, "the batch should exercise the unclamped case"
+    mean_psi = (psi * mask).sum(1) / lengths
+    torch.testing.assert_close(mean_psi[inside], torch.ones(int(inside.sum())))
+
+
+def test_alpha_averages_to_one_over_a_group_when_the_clamp_does_not_bite():
+    # one response far more visual than 15 similar siblings: φ̂ = [1, ~0, ...] keeps
+    # every 1 + φ̂ - mean inside [0.9, 2], so no clamp bites
+    g = torch.Generator().manual_seed(6)
+    for _ in range(20):
+        phi = torch.cat([torch.tensor([20.0]), 5 + 0.5 * torch.rand(15, generator=g)])
+        index, counts = torch.zeros(16, dtype=torch.long), torch.tensor([16])
+        alpha = vgpo.inter_weights(phi, index, counts)
+        phi_hat = (phi - phi.min()) / (phi.max() - phi.min() + 1e-8)
+        assert ((1 + phi_hat - phi_hat.mean()) >= 0.9).all()
+        torch.testing.assert_close(alpha.mean(), torch.tensor(1.0))
+        assert alpha.argmax() == 0
+
+
+def test_all_switches_off_is_exactly_grpo():
+    rewards, group_ids, focus, mask, has_image = make_batch(seed=7)
+    adv, _ = vgpo.vgpo_advantages(rewards, group_ids, focus, mask, has_image,
+                                  intra=False, inter=False, compensation=False, gate=False)
+    grpo = vgpo.grpo_advantages(rewards, group_ids)
+    assert torch.equal(adv, torch.where(mask, grpo.unsqueeze(1), 0.0))
+
+
+def test_grpo_advantages_by_hand():
+    adv = vgpo.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3, 0.3]),
+                               torch.tensor([0, 0, 1, 1, 2, 2]))
+    s = 1 / math.sqrt(2)
+    torch.testing.assert_close(adv, torch.tensor([s, -s, -s, s, 0.0, 0.0]), atol=1e-5, rtol=0)
+    assert (adv[4:] == 0).all(), "0.3 + 0.3 has rounding noise; equal rewards must give exactly 0"
+
+
+# -----------------------------------------------------------------------------
+# 3. gate and compensation
+
+def test_the_gate_picks_exactly_k_tail_tokens_when_there_are_no_ties():
+    g = torch.Generator().manual_seed(8)
+    N, T, kappa, gamma = 32, 50, 0.2, 0.5
+    lengths = torch.randint(1, T + 1, (N,), generator=g)
+    mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    w = torch.rand(N, T, generator=g)
+    G = vgpo.visual_gate(w, mask, kappa, gamma)
+    for i in range(N):
+        L = int(lengths[i])
+        tail_start = math.floor(gamma * L)
+        k = max(1, math.floor(kappa * (L - tail_start)))
+        picked = G[i].nonzero().flatten().tolist()
+        assert len(picked) == k
+        top = (w[i, tail_start:L].topk(k).indices + tail_start).tolist()
+        assert sorted(picked) == sorted(top)
+
+
+def test_the_gate_keeps_ties_at_the_threshold():
+    w = torch.tensor([[0.9, 0.1, 0.5, 0.7, 0.7, 0.2]])
+    G = vgpo.visual_gate(w, torch.ones_like(w, dtype=torch.bool), kappa=0.2, gamma=0.5)
+    assert G.tolist() == [[False, False, False, True, True, False]]
+
+
+def test_linear_compensation_is_zero_at_the_first_token_and_beta_at_the_last():
+    lengths = torch.tensor([2, 5, 17])
+    mask = torch.arange(20).unsqueeze(0) < lengths.unsqueeze(1)
+    c = vgpo.visual_compensation(mask, beta=0.3, schedule="linear")
+    rows = torch.arange(3)
+    assert (c[:, 0] == 0).all()
+    torch.testing.assert_close(c[rows, lengths - 1], torch.full((3,), 0.3))
+    assert (c[~mask] == 0).all()
+    assert (c[:, 1:][mask[:, 1:]] > 0).all(), "linear grows from the first token on"
+
+
+# -----------------------------------------------------------------------------
+# 4. policy loss
+
+def test_policy_loss_equals_the_hand_computed_value_with_each_clip_active():
+    # token 1: A=+1, ρ=1.5 -> upper clip, loss -1.28      token 2: A=-1, ρ=0.5 -> lower clip, 0.8
+    # token 3: A=-1, ρ=4   -> dual clip at c=3, loss 3    token 4: A=+2, ρ=1   -> -2
+    ratio = torch.tensor([[1.5, 0.5, 4.0, 1.0]])
+    old = torch.full((1, 4), -1.0)
+    logp = (old + ratio.log()).requires_grad_()
+    A = torch.tensor([[1.0, -1.0, -1.0, 2.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    loss, m = vgpo.policy_loss(logp, old, A, mask)
+    torch.testing.assert_close(loss, torch.tensor((-1.28 + 0.8 + 3.0 - 2.0) / 4))
+    for key in ("clipfrac_upper", "clipfrac_lower", "clipfrac_dual"):
+        torch.testing.assert_close(m[key], torch.tensor(0.25))
+    loss.backward()
+    # clipped tokens carry no gradient; the free one carries -A ρ / 4
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, 0.0, -0.5]]))
+
+
+def test_policy_loss_gradient_does_not_depend_on_micro_batch_size():
+    g = torch.Generator().manual_seed(11)
+    N, T = 12, 16
+    lengths = torch.randint(1, T + 1, (N,), generator=g)
+    mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    old = -torch.rand(N, T, generator=g) * 3
+    logp = (old + 0.3 * torch.randn(N, T, generator=g)).requires_grad_()
+    A = torch.randn(N, T, generator=g)
+    full, _ = vgpo.policy_loss(logp, old, A, mask)
+    (grad_full,) = torch.autograd.grad(full, logp)
+    num_tokens = mask.sum()
+    for micro in (1, 3, 5):
+        total = sum(vgpo.policy_loss(logp[i:i + micro], old[i:i + micro], A[i:i + micro],
+                                     mask[i:i + micro], num_tokens=num_tokens)[0]
+                    for i in range(0, N, micro))
+        (grad_micro,) = torch.autograd.grad(total, logp)
+        torch.testing.assert_close(total, full)
+        torch.testing.assert_close(grad_micro, grad_full)
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    torch.testing.assert_close(vgpo.kl_penalty(logp, ref, "k1"), torch.tensor([[0.5, -1.0]]))
+    torch.testing.assert_close(vgpo.kl_penalty(logp, ref, "k2"), torch.tensor([[0.125, 0.5]]))
+    d = torch.tensor([[-0.5, 1.0]])
+    torch.testing.assert_close(vgpo.kl_penalty(logp, ref), d.exp() - d - 1)
+
+
+# -----------------------------------------------------------------------------
+# 5. visual focus
+
+def _hidden(dtype, seed=12):
+    g = torch.Generator().manual_seed(seed)
+    N, T, P, D = 3, 7, 9, 64
+    resp = torch.randn(N, T, D, generator=g)
+    prompt = torch.randn(N, P, D, generator=g)
+    image_mask = torch.rand(N, P, generator=g) < 0.5
+    image_mask[:, 2] = True                                              # >= 1 image token
+    return resp.to(dtype), prompt.to(dtype), image_mask, resp, prompt
+
+
+@pytest.mark.parametrize("chunk", [64, 3])                           # 3: T = 7 splits 3+3+1
+def test_visual_focus_equals_a_per_token_cosine_loop(chunk):
+    resp, prompt, image_mask, _, _ = _hidden(torch.float32)
+    torch.testing.assert_close(vgpo.visual_focus(resp, prompt, image_mask, chunk=chunk),
+                               naive_visual_focus(resp, prompt, image_mask))
+
+
+def test_visual_focus_on_bf16_inputs_is_within_1e2_of_float32():
+    resp, prompt, image_mask, resp32, prompt32 = _hidden(torch.bfloat16)
+    s = vgpo.visual_focus(resp, prompt, image_mask)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, naive_visual_focus(resp32, prompt32, image_mask),
+                               atol=1e-2, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# bad input: a ValueError naming the argument, never a silent NaN
+
+def test_bad_input_raises_a_clear_error():
+    rewards, group_ids, focus, mask, has_image = make_batch()
+    call = vgpo.vgpo_advantages
+    with pytest.raises(ValueError, match="response_mask"):
+        call(rewards, group_ids, focus, mask[:, :-1])
+    with pytest.raises(ValueError, match="group_ids"):
+        call(rewards, group_ids[:-1], focus, mask)
+    with pytest.raises(ValueError, match="single response"):
+        call(rewards[:3], torch.tensor([1, 1, 2]), focus[:3], mask[:3])
+    with pytest.raises(ValueError, match="rewards"):
+        call(torch.where(torch.arange(len(rewards)) == 2, float("nan"), rewards),
+             group_ids, focus, mask)
+    inf_focus = focus.clone()
+    inf_focus[0, 0] = float("inf")                                       # a valid token
+    with pytest.raises(ValueError, match="focus"):
+        call(rewards, group_ids, inf_focus, mask)
+    with pytest.raises(ValueError, match="rewards"):
+        call(torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, 4),
+             torch.zeros(0, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="schedule"):
+        call(rewards, group_ids, focus, mask, schedule="cosine")
+    with pytest.raises(ValueError, match="left-aligned"):
+        call(rewards, group_ids, focus, mask.flip(1))
+    with pytest.raises(ValueError, match="has_image"):
+        call(rewards, group_ids, focus, mask, torch.arange(len(rewards)) % 2 == 0)
+    with pytest.raises(ValueError, match="rewards"):
+        vgpo.grpo_advantages(torch.tensor([1.0, float("inf")]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="image_mask"):
+        vgpo.visual_focus(torch.zeros(2, 3, 8), torch.zeros(2, 5, 8),
+                          torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_tokens"):
+        vgpo.policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2),
+                         torch.zeros(1, 2, dtype=torch.bool))
