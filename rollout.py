@@ -1,0 +1,382 @@
+"""
+Rollout: prompts + images -> sampled responses -> rewards, and the scoring forward that
+turns (prompt, response) pairs into per-token log-probs and visual focus scores.
+
+Read top to bottom:
+  ---- data ----       rows in the ViRL39K schema (problem with <image> placeholders,
+                       answer, images) from a hub id, a local file or folder, or the
+                       synthetic task; every bad row is an error that names it
+  ---- prompts ----    chat template + instruction, processor, left padding; take_rows
+                       selects/repeats rows keeping pixel_values in the rows' order
+  ---- sampling ----   HF generate with vision/chat-control ids suppressed; response
+                       mask up to the first EOS, found by position
+  ---- rewards ----    the last \\boxed{} graded by mathruler / math-verify
+  ---- scoring ----    one forward -> log-probs at response positions + focus scores
+"""
+
+import io
+import os
+import re
+
+import torch
+from PIL import Image
+
+import vgpo
+
+# The instruction appended to every problem (the paper's training and evaluation prompt).
+INSTRUCTION = ("First think through the problem step by step inside <think> </think> tags, "
+               "then give the final answer inside \\boxed{}.")
+
+
+class BadRowError(ValueError):
+    """A dataset row that cannot be used; the message names the source, the row and a fix."""
+
+
+# -----------------------------------------------------------------------------
+# ---- data ----
+
+def load_table(source, split, keys):
+    """Open a dataset: a hub id, or a local .parquet/.json/.jsonl file or folder.
+
+    keys: the column names of problem, answer and images. Returns a datasets.Dataset.
+    """
+    import datasets
+
+    if os.path.isfile(source):
+        kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}.get(os.path.splitext(source)[1])
+        if kind is None:
+            raise ValueError(f"{source}: unsupported file type; use .parquet, .json or .jsonl")
+        if os.path.getsize(source) == 0:
+            raise ValueError(f"{source} is empty")
+        try:
+            table = datasets.load_dataset(kind, data_files=source, split="train")
+        except Exception as e:
+            raise ValueError(f"{source} could not be read as {kind}: {type(e).__name__} {e}") from None
+    elif os.path.isdir(source):
+        try:
+            table = datasets.load_dataset(source, split=split)
+        except Exception as e:
+            raise ValueError(f"{source}: could not load split {split!r} from this folder: "
+                             f"{type(e).__name__} {e} (set --train_split / --val_split)") from None
+    else:
+        try:
+            table = datasets.load_dataset(source, split=split)
+        except Exception as e:  # offline, unknown id, missing split: say which and how
+            raise ValueError(f"could not load dataset {source!r} (split {split!r}): {e}\n"
+                             f"Offline? Download it elsewhere and pass a local file or folder "
+                             f"instead of the hub id.") from None
+    missing = [k for k in keys if k not in table.column_names]
+    if missing:
+        raise ValueError(f"{source}: no column {missing}; its columns are {table.column_names}. "
+                         f"Set --problem_key / --answer_key / --images_key to match.")
+    if len(table) == 0:
+        raise ValueError(f"{source} (split {split!r}) is empty")
+    return table
+
+
+def _open_image(value, base_dir):
+    """A path (relative to the data file), {"bytes", "path"}, raw bytes or a PIL image."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value)).convert("RGB")
+    if isinstance(value, str):
+        path = value if os.path.isabs(value) else os.path.join(base_dir, value)
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    raise ValueError(f"unsupported image value of type {type(value).__name__}")
+
+
+class Rows:
+    """Rows of a table as examples {"problem", "answer", "images", "id"}, converted lazily.
+
+    Every problem of a row is checked when the row is read: a missing answer, an image
+    that cannot be opened, or a count of <image> placeholders that differs from the
+    number of images raises BadRowError naming the source, the row and the fix.
+    """
+
+    def __init__(self, table, source, problem_key="problem", answer_key="answer",
+                 images_key="images"):
+        self.table, self.source = table, source
+        self.keys = (problem_key, answer_key, images_key)
+        self.base_dir = os.path.dirname(os.path.abspath(source)) if os.path.exists(source) else "."
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, index):
+        problem_key, answer_key, images_key = self.keys
+        record = self.table[int(index)]
+        where = f"{self.source}, row {index}"
+        answer = record.get(answer_key)
+        if answer is None or str(answer).strip() == "":
+            raise BadRowError(f"{where}: no answer in column {answer_key!r}; fix the row or "
+                              f"pass --skip_bad_rows to skip and count such rows")
+        images = record.get(images_key) or []
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        problem = str(record[problem_key])
+        if problem.count("<image>") != len(images):
+            raise BadRowError(f"{where}: {problem.count('<image>')} <image> placeholders in the "
+                              f"problem but {len(images)} images; each image needs one "
+                              f"placeholder where it belongs in the text")
+        opened = []
+        for k, value in enumerate(images):
+            try:
+                opened.append(_open_image(value, self.base_dir))
+            except Exception as e:
+                raise BadRowError(f"{where}: image {k} cannot be opened ({e}); fix the file "
+                                  f"or pass --skip_bad_rows to skip and count such rows") from None
+        return {"problem": problem, "answer": str(answer).strip(), "images": opened,
+                "id": str(record.get("id", index))}
+
+
+# -----------------------------------------------------------------------------
+# ---- prompts ----
+
+def build_messages(problem, instruction):
+    """One user turn whose content interleaves text and images at the <image> marks.
+
+    Example: "<image>How many?" -> [{"type": "image"}, {"type": "text", "text": "How many? ..."}]
+    """
+    text = f"{problem} {instruction}".strip() if instruction else problem
+    content = []
+    for k, piece in enumerate(text.split("<image>")):
+        if k > 0:
+            content.append({"type": "image"})
+        if piece.strip():
+            content.append({"type": "text", "text": piece})
+    return [{"role": "user", "content": content}]
+
+
+def encode_prompts(processor, examples, instruction):
+    """Chat-template + process a list of examples into one left-padded batch.
+
+    Returns (batch dict of tensors, images_per_row LongTensor (B,)). pixel_values holds
+    every image's patches in row order; image_grid_thw one (t, h, w) row per image.
+    """
+    messages = [build_messages(ex["problem"], instruction) for ex in examples]
+    texts = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    images = [im for ex in examples for im in ex["images"]]
+    batch = processor(text=texts, images=images or None, padding=True, padding_side="left",
+                      return_tensors="pt")
+    batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return batch, torch.tensor([len(ex["images"]) for ex in examples])
+
+
+def prompt_lengths(processor, examples, instruction):
+    """Token length of each example's prompt (images expanded), without padding."""
+    batch, _ = encode_prompts(processor, examples, instruction)
+    return batch["attention_mask"].sum(dim=1)
+
+
+def _ranges(starts, lengths):
+    """Concatenated aranges: starts [0, 10], lengths [2, 3] -> [0, 1, 10, 11, 12]."""
+    offsets = torch.repeat_interleave(starts - (lengths.cumsum(0) - lengths), lengths)
+    return torch.arange(int(lengths.sum())) + offsets
+
+
+def take_rows(batch, images_per_row, rows):
+    """Select (or repeat) rows of a processed batch, keeping images with their rows.
+
+    rows: LongTensor of row indices, repeats allowed. Per-row tensors are indexed
+    directly; image_grid_thw and pixel_values are re-gathered so that the images of each
+    output row come in the same order as the rows (the ordering bug that repeating
+    pixel_values naively causes). Left padding common to all selected rows is trimmed.
+    Example: rows [0, 0, 1, 1] repeats a 2-prompt batch for n = 2 samples each.
+    """
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    out = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "image_grid_thw" in batch and images_per_row.sum() > 0:
+        first_image = images_per_row.cumsum(0) - images_per_row
+        image_ids = _ranges(first_image[rows], images_per_row[rows])
+        patches = batch["image_grid_thw"].prod(dim=1)                    # patches per image
+        first_patch = patches.cumsum(0) - patches
+        out["image_grid_thw"] = batch["image_grid_thw"][image_ids]
+        out["pixel_values"] = batch["pixel_values"][_ranges(first_patch[image_ids], patches[image_ids])]
+    pad = int((out["attention_mask"].cumsum(dim=1) == 0).sum(dim=1).min())
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if k in out:
+            out[k] = out[k][:, pad:]
+    return out, images_per_row[rows]
+
+
+# -----------------------------------------------------------------------------
+# ---- sampling ----
+
+def eos_ids(model, processor):
+    """Every id that ends a response: the generation config's EOS ids and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if processor.tokenizer.eos_token_id is not None:
+        ids.add(processor.tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def suppressed_ids(model, processor):
+    """Ids a response must never contain: image/video placeholders, vision start/end and
+    the other special chat-control tokens (all special added tokens except the EOS ids).
+
+    A sampled image placeholder breaks the next forward ("Image features and image
+    tokens do not match"), so these are masked out at sampling time.
+    """
+    config = model.config
+    ids = {getattr(config, k, None) for k in ("image_token_id", "video_token_id",
+                                              "vision_start_token_id", "vision_end_token_id")}
+    tokenizer = processor.tokenizer
+    ids |= set(tokenizer.all_special_ids)
+    ids |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids -= set(eos_ids(model, processor)) | {None}
+    vocab = config.get_text_config().vocab_size                # ids past the embedding don't exist
+    return sorted(i for i in ids if i < vocab)
+
+
+def response_mask_from_eos(responses, eos):
+    """Valid positions of each response: up to and including its first EOS, by position.
+
+    Pad may equal EOS, so the mask is never built from token values after the first EOS.
+    Example: [7, 9, EOS, EOS, EOS] -> [1, 1, 1, 0, 0]; no EOS -> all valid (truncated).
+    Returns (mask (B, T) bool, truncated (B,) bool).
+    """
+    is_eos = torch.isin(responses, torch.as_tensor(eos, device=responses.device))
+    has_eos = is_eos.any(dim=1)
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), responses.shape[1])  # (B,)
+    mask = torch.arange(responses.shape[1], device=responses.device) <= first.unsqueeze(1)
+    return mask, ~has_eos
+
+
+@torch.no_grad()
+def generate(model, processor, batch, *, max_new_tokens, temperature=1.0, top_p=1.0):
+    """Sample one response per row of `batch`. temperature 0 means greedy.
+
+    Returns (responses (B, T) token ids, response_mask (B, T) bool, truncated (B,) bool).
+    """
+    eos = eos_ids(model, processor)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 \
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                         pad_token_id=processor.tokenizer.pad_token_id,
+                         suppress_tokens=suppressed_ids(model, processor), **sampling)
+    responses = out[:, batch["input_ids"].shape[1]:]
+    mask, truncated = response_mask_from_eos(responses, eos)
+    return responses, mask, truncated
+
+
+# -----------------------------------------------------------------------------
+# ---- rewards ----
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (nested braces allowed), or None.
+
+    Example: "so \\boxed{\\frac{1}{2}}." -> "\\frac{1}{2}"
+    """
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+def extract_answer(response, bare=False):
+    """The final answer of a response: its last \\boxed{}, else None.
+
+    bare=True (the synthetic task only) falls back to the last number in the response.
+    A randomly initialised model cannot discover the seven characters "\\boxed{" by
+    chance, so without this fallback it would never see a reward; real tasks keep the box.
+    """
+    boxed = last_boxed(response)
+    if boxed is not None or not bare:
+        return boxed
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", response)
+    return numbers[-1] if numbers else None
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_OPTION = re.compile(r"^\(?([A-Z])\)?(?:$|[\s.:)]\s*(.*)$)", re.S)
+
+
+def grade(answer, gold):
+    """True if the extracted answer equals the gold answer.
+
+    Correct when the strings match, mathruler's grade_answer agrees, math-verify's verify
+    agrees (gold first, as its signature expects), or the gold is one option letter and
+    the answer is that letter, alone or followed by its option text ("B", "(B)",
+    "B. 12 cm"). Never a substring test: "NONE" contains "E" but is not option E.
+    """
+    if answer is None:
+        return False
+    answer, gold = answer.strip(), str(gold).strip()
+    if answer == gold:
+        return True
+    if _NUMBER.fullmatch(answer) and _NUMBER.fullmatch(gold):
+        return float(answer) == float(gold)         # two plain numbers: no grader needed
+    if re.fullmatch(r"\(?[A-Z]\)?", gold):
+        option = _OPTION.match(answer)
+        return bool(option) and option.group(1) == gold.strip("()")
+    from mathruler.grader import grade_answer
+    if grade_answer(answer, gold):
+        return True
+    from math_verify import parse, verify
+    try:
+        return bool(verify(parse(f"${gold}$"), parse(f"${answer}$")))
+    except Exception:
+        return False
+
+
+def accuracy_rewards(texts, golds, bare=False):
+    """Reward = accuracy of each response's final answer (the paper uses no format term).
+
+    Any function texts, golds -> list of floats can replace it (train.py --reward).
+    """
+    return [float(grade(extract_answer(t, bare), g)) for t, g in zip(texts, golds)]
+
+
+def informative_groups(acc, group_ids, low=0.01, high=0.99):
+    """DAPO dynamic sampling: keep groups whose mean accuracy is strictly in (low, high).
+
+    A group where every response is right (or every one wrong) has zero advantage and
+    only dilutes the batch. Example: acc [1, 1, 0, 1], groups [0, 0, 1, 1] -> [F, F, T, T].
+    """
+    _, index = torch.unique(group_ids, return_inverse=True)
+    mean = torch.zeros(int(index.max()) + 1).index_add_(0, index, acc.float())
+    mean = mean / torch.bincount(index).float()
+    return (mean[index] > low) & (mean[index] < high)
+
+
+# -----------------------------------------------------------------------------
+# ---- scoring ----
+
+def selective_log_softmax(logits, tokens):
+    """log softmax(logits)[token] without a second (B, T, V) tensor: logit - logsumexp."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+
+
+def score(model, batch, responses, response_mask, *, temperature=1.0, focus=False):
+    """One forward over prompt + response: log-probs of the response tokens (and focus).
+
+    Only the last-layer states are kept (no output_hidden_states over all layers) and
+    lm_head runs on response positions only, never on the prompt.
+    Returns (logp (B, T) float32, focus (B, T) float32 or None).
+    """
+    prompt_len = batch["input_ids"].shape[1]
+    inputs = dict(batch)
+    inputs["input_ids"] = torch.cat([batch["input_ids"], responses], dim=1)
+    inputs["attention_mask"] = torch.cat([batch["attention_mask"], response_mask.long()], dim=1)
+    if "mm_token_type_ids" in batch:  # needed for the 3-D (M-RoPE) positions of image tokens
+        inputs["mm_token_type_ids"] = torch.cat(
+            [batch["mm_token_type_ids"], torch.zeros_like(responses, dtype=batch["mm_token_type_ids"].dtype)], dim=1)
+    hidden = model.model(**inputs).last_hidden_state                     # (B, P + T, D)
+    # the state at position p predicts token p + 1
+    logits = model.lm_head(hidden[:, prompt_len - 1:-1]).float()         # (B, T, V)
+    logp = selective_log_softmax(logits / temperature, responses)        # (B, T)
+    if not focus:
+        return logp, None
+    image_mask = batch["input_ids"] == model.config.image_token_id       # (B, P)
+    s = vgpo.visual_focus(hidden[:, prompt_len:].detach(), hidden[:, :prompt_len].detach(), image_mask)
+    return logp, s

@@ -1,0 +1,721 @@
+"""
+Train a vision-language model with VGPO (or plain DAPO/GRPO) on verifiable rewards.
+
+    python train.py                                   # tiny Qwen2.5-VL, synthetic task, CPU
+    python train.py --no_vgpo                         # the same with plain DAPO (ablation)
+    torchrun --nproc_per_node 2 train.py              # 2 processes (gloo on CPU, NCCL on GPU)
+    torchrun --nproc_per_node 8 train.py --preset paper7b     # the paper's 7B recipe, 1 node
+    python train.py --out_dir out --resume            # continue from out/checkpoints/latest
+
+With no arguments it builds a tiny, randomly initialised Qwen2.5-VL and trains it on a
+synthetic "how many shapes?" task until it answers from the image (tiny.py). The same code
+trains a hub model: --model Qwen/Qwen2.5-VL-7B-Instruct --train_data <id or local file>.
+
+How one step differs from textbook GRPO, in order:
+ 1. Rollout: each rank samples n responses for its share of prompts; groups whose
+    responses are all right or all wrong are dropped and more prompts are sampled, up to
+    --max_tries times (DAPO dynamic sampling). Over-long prompts are dropped, never cut.
+ 2. One no-grad forward of the sampling policy gives the old log-probs AND the last-layer
+    states, from which vgpo.visual_focus scores every response token.
+ 3. Advantages: vgpo.vgpo_advantages re-weights each response's GRPO advantage token by
+    token (Eq. 5-11); every rank owns whole groups, so this needs no communication.
+ 4. Update: DAPO loss (clip-higher, dual clip, token mean over the global mini-batch),
+    no KL term by default, AdamW, gradient clipping; a non-finite gradient skips the step.
+ 5. Data parallel by an explicit gradient all-reduce (SUM) after each mini-batch rather
+    than torch DDP: ranks may hold different numbers of micro-batches after filtering,
+    and a prompt without images leaves the vision tower without gradient; both are fine
+    here, and with the loss divided by the global token count the SUM is exactly the
+    gradient of the global token mean.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import rollout
+import tiny
+import vgpo
+
+# -----------------------------------------------------------------------------
+# configuration: defaults are the embedded tiny preset; --preset paper7b is the paper's
+
+PRESETS = {
+    "paper7b": dict(
+        model="Qwen/Qwen2.5-VL-7B-Instruct",
+        train_data="PAPOGalaxy/PAPO_ViRL39K_train", train_split="train",
+        val_data="PAPOGalaxy/PAPO_MMK12_test", val_split="test",
+        instruction=rollout.INSTRUCTION, bare_answers=False,
+        rollout_batch=512, group_size=8, temperature=1.0, top_p=0.99, max_tries=4,
+        max_prompt_len=4096, max_new_tokens=2048, min_pixels=262144, max_pixels=4194304,
+        mini_batch=128, micro_batch=4, gen_batch=256, ppo_epochs=1, epochs=2, max_steps=-1,
+        lr=1e-6, weight_decay=1e-2, grad_clip=1.0, kl_coef=0.0,
+        beta=0.3, kappa=0.2, gamma=0.5, gradient_checkpointing=True, freeze_vision=False,
+        val_every=5, save_every=10, val_size=-1, val_batch=64, val_max_new_tokens=2048,
+    ),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags given on the command line still win")
+    g.add_argument("--out_dir", default="out", help="metrics.jsonl, config.json and checkpoints/ go here")
+    g.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/latest (starts fresh if there is none)")
+    g.add_argument("--max_steps", type=int, default=120, help="training steps; -1 = --epochs passes over the training set")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data when --max_steps is -1 (paper: 2)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the tiny model, the data order and the sampling")
+    g.add_argument("--save_every", type=int, default=40, help="checkpoint every N steps (and always at the end)")
+    g.add_argument("--keep_last", type=int, default=0, help="keep only the N newest checkpoints (0 = keep all)")
+    g.add_argument("--val_every", type=int, default=20, help="validate every N steps (and always at the end); 0 = only at the end")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="hub id or local path of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint; 'tiny' = build the embedded random model")
+    g.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa", "eager"], help="attention kernel; auto = flash_attention_2 when importable on GPU, else sdpa")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False, help="recompute activations in backward to save memory (paper: on)")
+    g.add_argument("--freeze_vision", action=argparse.BooleanOptionalAction, default=False, help="do not train the vision tower (paper: trained)")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off unless asked for)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--train_data", default="synthetic", help="hub dataset id, local .parquet/.json/.jsonl file or folder, or 'synthetic'")
+    g.add_argument("--train_split", default="train", help="split of --train_data (hub ids and folders)")
+    g.add_argument("--val_data", default="synthetic", help="as --train_data; 'synthetic' = a held-out set of the counting task")
+    g.add_argument("--val_split", default="test", help="split of --val_data")
+    g.add_argument("--val_size", type=int, default=200, help="validation examples (-1 = the whole set)")
+    g.add_argument("--val_batch", type=int, default=100, help="prompts per greedy generate() call in validation")
+    g.add_argument("--val_max_new_tokens", type=int, default=2, help="longest validation response (paper: 2048)")
+    g.add_argument("--problem_key", default="problem", help="column of the problem text, with <image> placeholders")
+    g.add_argument("--answer_key", default="answer", help="column of the gold answer")
+    g.add_argument("--images_key", default="images", help="column of the images: paths, bytes or PIL images")
+    g.add_argument("--skip_bad_rows", action="store_true", help="skip (and count) rows with a missing image or answer instead of stopping")
+    g.add_argument("--max_prompt_len", type=int, default=512, help="prompts longer than this (tokens, images included) are dropped and counted, never truncated")
+    g.add_argument("--min_pixels", type=int, default=0, help="resize images to at least this many pixels (0 = processor default; paper 262144)")
+    g.add_argument("--max_pixels", type=int, default=0, help="resize images to at most this many pixels (0 = processor default; paper 4194304)")
+    g.add_argument("--instruction", default="", help="appended to every problem (paper preset: reason in <think></think>, answer in \\boxed{})")
+    g.add_argument("--bare_answers", action=argparse.BooleanOptionalAction, default=True, help="accept the last number when there is no \\boxed{} (synthetic task only: a random model cannot find \\boxed{})")
+
+    g = p.add_argument_group("rollout")
+    g.add_argument("--rollout_batch", type=int, default=32, help="prompts per step, all ranks together (paper: 512)")
+    g.add_argument("--group_size", type=int, default=8, help="G, responses sampled per prompt (paper: 8)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (paper: 0.99)")
+    g.add_argument("--max_new_tokens", type=int, default=2, help="longest response (paper: 2048)")
+    g.add_argument("--max_tries", type=int, default=4, help="DAPO dynamic sampling: rounds of sampling to fill the batch with informative groups")
+    g.add_argument("--gen_batch", type=int, default=512, help="sequences per generate() call (memory)")
+
+    g = p.add_argument_group("VGPO (paper defaults)")
+    g.add_argument("--no_vgpo", action="store_true", help="plain DAPO/GRPO: turns intra, inter, compensation and gate off")
+    g.add_argument("--intra", action=argparse.BooleanOptionalAction, default=True, help="intra-trajectory re-weighting ψ (Eq. 7-8)")
+    g.add_argument("--inter", action=argparse.BooleanOptionalAction, default=True, help="inter-trajectory re-weighting α (Eq. 9-11)")
+    g.add_argument("--compensation", action=argparse.BooleanOptionalAction, default=True, help="visual attention compensation c (Eq. 5)")
+    g.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="visual gate G (Eq. 6)")
+    g.add_argument("--beta", type=float, default=0.3, help="β, compensation strength (Eq. 5; paper 0.3)")
+    g.add_argument("--kappa", type=float, default=0.2, help="κ, fraction of tail tokens the gate opens (Eq. 6; paper 0.2)")
+    g.add_argument("--gamma", type=float, default=0.5, help="γ, where the tail starts, as a fraction of the response (Eq. 6; paper 0.5)")
+    g.add_argument("--schedule", default="linear", choices=vgpo.SCHEDULES, help="compensation schedule (Eq. 5; paper: linear)")
+    g.add_argument("--comp_start", type=float, default=0.0, help="s0, relative position where compensation starts (paper 0)")
+    g.add_argument("--exponent", type=float, default=2.0, help="p of the exp schedule")
+    g.add_argument("--step_at", type=float, default=0.5, help="relative position where the step schedule switches on")
+
+    g = p.add_argument_group("update")
+    g.add_argument("--mini_batch", type=int, default=32, help="prompts per optimizer step, all ranks together (paper: 128)")
+    g.add_argument("--micro_batch", type=int, default=64, help="sequences per forward/backward on one rank (memory only: the gradient does not depend on it)")
+    g.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch")
+    g.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (paper: 1e-6)")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (paper: 1e-2)")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (paper: 1.0)")
+    g.add_argument("--clip_low", type=float, default=0.2, help="ε_low of the clipped ratio (paper: 0.2)")
+    g.add_argument("--clip_high", type=float, default=0.28, help="ε_high, DAPO clip-higher (paper: 0.28)")
+    g.add_argument("--clip_dual", type=float, default=3.0, help="c, dual-clip bound for negative advantages (paper: 3.0)")
+    g.add_argument("--kl_coef", type=float, default=0.0, help="KL-to-reference coefficient; 0 = off (paper: off; 1e-2 when on)")
+    g.add_argument("--kl_kind", default="low_var_kl", choices=["k1", "k2", "low_var_kl"], help="KL estimator (low_var_kl = k3)")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse flags; a --preset replaces the defaults, explicit flags still win."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    if args.no_vgpo:
+        args.intra = args.inter = args.compensation = args.gate = False
+    if args.max_steps == 0:
+        parser.error("--max_steps 0 trains nothing; give a positive number, or -1 for --epochs passes")
+    for name in ("rollout_batch", "mini_batch", "micro_batch", "max_new_tokens", "max_tries", "gen_batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.group_size < 2:
+        parser.error("--group_size must be >= 2: GRPO compares each response with its group")
+    if args.rollout_batch % args.mini_batch:
+        parser.error(f"--rollout_batch {args.rollout_batch} is not a multiple of --mini_batch {args.mini_batch}")
+    return args
+
+
+# settings that define a run: resuming with any of these changed is refused
+RUN_IDENTITY = ("model", "train_data", "train_split", "seed", "group_size", "rollout_batch", "mini_batch",
+                "instruction", "intra", "inter", "compensation", "gate", "beta", "kappa", "gamma",
+                "schedule", "comp_start", "exponent", "step_at", "lr", "weight_decay", "kl_coef")
+
+
+# -----------------------------------------------------------------------------
+# helpers: distributed, model loading, data
+
+def setup_distributed():
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python train.py` is a world of one."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return rank, local_rank, world, torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return rank, local_rank, world, torch.device("cpu")
+
+
+def all_reduce(x, world):
+    """Sum a tensor over ranks (no-op in a world of one)."""
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_reduce_grads(params, world, bucket_numel=50_000_000):
+    """SUM every gradient over ranks, a few large flat buckets at a time.
+
+    A parameter without gradient on this rank (e.g. the vision tower when this rank's
+    prompts have no image) takes part with zeros, so every rank makes the same calls.
+    """
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket = []
+    for i, p in enumerate(params):
+        bucket.append(p)
+        if sum(q.numel() for q in bucket) >= bucket_numel or i == len(params) - 1:
+            flat = torch.cat([q.grad.flatten() for q in bucket])
+            dist.all_reduce(flat)
+            for q, g in zip(bucket, flat.split([q.numel() for q in bucket])):
+                q.grad.copy_(g.view_as(q))
+            bucket = []
+
+
+def replica_divergence(params, world):
+    """Largest difference between ranks of any parameter's sum: 0 when replicas agree.
+
+    Every rank applies the same all-reduced gradient to the same weights, so anything
+    but 0 means a bug (or non-determinism) that would silently split the replicas.
+    """
+    if world == 1:
+        return 0.0
+    sums = torch.stack([p.detach().double().sum() for p in params]).cpu()
+    hi, lo = sums.clone(), -sums
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MAX)
+    return float((hi + lo).max())
+
+
+def pick_attention(requested, device):
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_model(path, args, device):
+    """AutoModelForImageTextToText + AutoProcessor from a hub id or a local folder."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read its config.json ({type(e).__name__}: {e})") from None
+    image_token_id = getattr(config, "image_token_id", None)
+    if image_token_id is None or not 0 <= image_token_id < config.get_text_config().vocab_size:
+        raise ValueError(f"{path}: its config has no usable image_token_id ({image_token_id}), so image "
+                         f"placeholders cannot be found; use a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint")
+    attn = pick_attention(args.attn, device)
+    # float32 master weights; on GPU the forward runs under bf16 autocast
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=attn,
+                                                        trust_remote_code=args.trust_remote_code).to(device)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    if args.min_pixels or args.max_pixels:
+        size = dict(processor.image_processor.size)
+        size["shortest_edge"] = args.min_pixels or size["shortest_edge"]
+        size["longest_edge"] = args.max_pixels or size["longest_edge"]
+        processor.image_processor.size = size
+    return model, processor, attn
+
+
+def open_data(source, split, args, seed_offset, size):
+    """'synthetic' -> the counting task; anything else -> rollout.Rows over a table."""
+    if source == "synthetic":
+        return tiny.CountingTask(args.seed + seed_offset, 1_000_000 if size < 0 else size)
+    table = rollout.load_table(source, split, (args.problem_key, args.answer_key, args.images_key))
+    if size > 0:
+        table = table.select(range(min(size, len(table))))
+    return rollout.Rows(table, source, args.problem_key, args.answer_key, args.images_key)
+
+
+class PromptStream:
+    """Dataset indices in a fresh seeded permutation per epoch, shared by every rank.
+
+    `position` counts the prompts handed out so far, by all ranks together; it is saved
+    with each checkpoint so a resumed run continues with the very next prompt.
+    Example: 5 rows, take(3) -> [3, 0, 4], take(3) -> [1, 2, <first of epoch 1>].
+    """
+
+    def __init__(self, size, seed, position=0):
+        self.size, self.seed, self.position = size, seed, position
+
+    def take(self, k):
+        out = []
+        while len(out) < k:
+            epoch, offset = divmod(self.position, self.size)
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+            chunk = order[offset:offset + k - len(out)].tolist()
+            out += chunk
+            self.position += len(chunk)
+        return out
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def concat_prompt_batches(parts, pad_id):
+    """Concatenate processed prompt batches: left-pad to one width, keep image order.
+
+    parts: list of (batch, images_per_row). Rows of part 0 come first, then part 1, ...;
+    images are concatenated in the same order, so they stay with their rows.
+    """
+    width = max(b["input_ids"].shape[1] for b, _ in parts)
+    out = {}
+    for key in parts[0][0]:
+        tensors = [b[key] for b, _ in parts]
+        if key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            value = pad_id if key == "input_ids" else 0
+            tensors = [torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value) for t in tensors]
+        out[key] = torch.cat(tensors)
+    return out, torch.cat([ipr for _, ipr in parts])
+
+
+def pad_right(tensors, value):
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
+
+
+# -----------------------------------------------------------------------------
+# rollout: sample, reward, filter
+
+def fetch_examples(data, indices, args, counters, first_group=0):
+    """Examples for `indices`; with --skip_bad_rows a bad row is counted and skipped.
+
+    Each example's "group" id is its position in the prompt stream (first_group + k):
+    unique across epochs, unlike the row index, so two draws of one row never merge.
+    """
+    examples = []
+    for k, i in enumerate(indices):
+        try:
+            ex = data[i]
+        except rollout.BadRowError:
+            if not args.skip_bad_rows:
+                raise
+            counters["bad_rows"] += 1
+            continue
+        ex["group"] = first_group + k
+        examples.append(ex)
+    return examples
+
+
+def collect_rollouts(model, processor, data, stream, args, rank, world, device, counters):
+    """DAPO dynamic sampling on this rank: sample groups until this rank holds its share
+    of informative groups (or --max_tries rounds have run). Every rank runs the same
+    number of rounds and draws from the shared stream, so no prompt is used twice.
+    """
+    share = args.rollout_batch // world
+    kept, n_kept, tries = [], 0, 0
+    while tries < args.max_tries:
+        tries += 1
+        need = all_reduce(torch.tensor([float(n_kept < share)]), world)
+        if need.item() == 0:
+            break
+        first_group = stream.position + rank * share
+        indices = stream.take(share * world)[rank * share:(rank + 1) * share]
+        if n_kept >= share:
+            continue                                    # full: keep stepping with the others
+        examples = fetch_examples(data, indices, args, counters, first_group)
+        lengths = rollout.prompt_lengths(processor, examples, args.instruction) if examples else []
+        counters["long_prompts"] += sum(int(L > args.max_prompt_len) for L in lengths)
+        examples = [ex for ex, L in zip(examples, lengths) if L <= args.max_prompt_len]
+        if not examples:
+            continue
+        batch, ipr = rollout.encode_prompts(processor, examples, args.instruction)
+        rows = torch.arange(len(examples)).repeat_interleave(args.group_size)       # n samples per prompt
+        responses, masks, truncs = [], [], []
+        model.eval()
+        for chunk in rows.split(args.gen_batch):
+            gen_batch, _ = rollout.take_rows(batch, ipr, chunk)
+            with autocast(device):
+                r, m, t = rollout.generate(model, processor, to_device(gen_batch, device),
+                                           max_new_tokens=args.max_new_tokens,
+                                           temperature=args.temperature, top_p=args.top_p)
+            responses.append(r.cpu()), masks.append(m.cpu()), truncs.append(t.cpu())
+        pad_id = processor.tokenizer.pad_token_id
+        responses, masks, truncated = pad_right(responses, pad_id), pad_right(masks, False), torch.cat(truncs)
+        texts = processor.batch_decode(torch.where(masks, responses, pad_id), skip_special_tokens=True)
+        golds = [examples[r]["answer"] for r in rows.tolist()]
+        acc = torch.tensor(rollout.accuracy_rewards(texts, golds, args.bare_answers))
+        group_ids = torch.tensor([examples[r]["group"] for r in rows.tolist()])
+        keep = rollout.informative_groups(acc, group_ids)
+        counters["sampled_groups"] += len(examples)
+        counters["zero_std_groups"] += len(examples) - int(keep.sum()) // args.group_size
+        counters["acc_sum"] += float(acc.sum())
+        counters["len_sum"] += float(masks.sum())
+        counters["truncated"] += int(truncated.sum())
+        counters["responses"] += len(rows)
+        # keep whole informative groups, up to this rank's share
+        keep_prompts = keep.view(-1, args.group_size)[:, 0].nonzero().flatten()[:share - n_kept]
+        if len(keep_prompts) == 0:
+            continue
+        keep_rows = (keep_prompts.unsqueeze(1) * args.group_size + torch.arange(args.group_size)).flatten()
+        kept.append(dict(prompts=rollout.take_rows(batch, ipr, rows[keep_rows]), responses=responses[keep_rows],
+                         mask=masks[keep_rows], acc=acc[keep_rows], group_ids=group_ids[keep_rows]))
+        n_kept += len(keep_prompts)
+    counters["tries"] = tries
+    if not kept:
+        return None
+    prompts, ipr = concat_prompt_batches([k["prompts"] for k in kept], processor.tokenizer.pad_token_id)
+    return dict(prompts=prompts, ipr=ipr,
+                responses=pad_right([k["responses"] for k in kept], processor.tokenizer.pad_token_id),
+                mask=pad_right([k["mask"] for k in kept], False),
+                acc=torch.cat([k["acc"] for k in kept]), group_ids=torch.cat([k["group_ids"] for k in kept]))
+
+
+def micro_inputs(roll, rows, device):
+    """Prompt batch, responses and mask of some rows, trimmed to their longest response."""
+    prompts, _ = rollout.take_rows(roll["prompts"], roll["ipr"], rows)
+    mask = roll["mask"][rows]
+    width = max(1, int(mask.sum(dim=1).max()))
+    return to_device(prompts, device), roll["responses"][rows, :width].to(device), mask[:, :width].to(device), width
+
+
+@torch.no_grad()
+def score_rollouts(model, roll, args, device, focus=True):
+    """The no-grad forward of step 2: old log-probs and visual focus for every row."""
+    model.eval()
+    T = roll["mask"].shape[1]
+    logp = torch.zeros(roll["mask"].shape)
+    s = torch.zeros(roll["mask"].shape)
+    for rows in torch.arange(len(roll["acc"])).split(args.micro_batch):
+        prompts, responses, mask, width = micro_inputs(roll, rows, device)
+        with autocast(device):
+            lp, f = rollout.score(model, prompts, responses, mask, temperature=args.temperature, focus=focus)
+        logp[rows, :width] = lp.float().cpu()
+        if focus:
+            s[rows, :width] = f.cpu()
+    assert logp.shape[1] == T
+    return logp, s
+
+
+# -----------------------------------------------------------------------------
+# validation
+
+@torch.no_grad()
+def validate(model, processor, data, args, rank, world, device):
+    """Greedy accuracy on the validation set, sharded over ranks."""
+    model.eval()
+    correct, total = torch.zeros(1), torch.zeros(1)
+    mine = list(range(rank, len(data), world))
+    batch_size = args.val_batch
+    for start in range(0, len(mine), batch_size):
+        examples = [data[i] for i in mine[start:start + batch_size]]
+        batch, _ = rollout.encode_prompts(processor, examples, args.instruction)
+        with autocast(device):
+            responses, mask, _ = rollout.generate(model, processor, to_device(batch, device),
+                                                  max_new_tokens=args.val_max_new_tokens, temperature=0)
+        texts = processor.batch_decode(torch.where(mask, responses, processor.tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+        correct += sum(rollout.accuracy_rewards(texts, [ex["answer"] for ex in examples], args.bare_answers))
+        total += len(examples)
+    stats = all_reduce(torch.cat([correct, total]), world)
+    return float(stats[0] / stats[1].clamp(min=1))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def checkpoint_dir(out_dir):
+    return os.path.join(out_dir, "checkpoints")
+
+
+def latest_checkpoint(out_dir):
+    pointer = os.path.join(checkpoint_dir(out_dir), "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(checkpoint_dir(out_dir), f.read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def save_checkpoint(model, processor, optimizer, step, stream, args, counters_total):
+    """Write checkpoints/step_XXXXXX atomically (temp dir, then rename), then point
+    `latest` at it (temp file, then replace): a crash leaves the previous one intact."""
+    root = checkpoint_dir(args.out_dir)
+    name = f"step_{step:06d}"
+    tmp, final = os.path.join(root, f".tmp_{name}"), os.path.join(root, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "data_position": stream.position,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "counters": counters_total}, os.path.join(tmp, "training_state.pt"))
+    with open(os.path.join(tmp, "vgpo_config.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    with open(os.path.join(root, "latest.tmp"), "w") as f:
+        f.write(name)
+    os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+    if args.keep_last > 0:
+        old = sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-args.keep_last]
+        for d in old:
+            shutil.rmtree(os.path.join(root, d))
+    return final
+
+
+def check_same_run(saved, args, path):
+    changed = {k: (saved.get(k), getattr(args, k)) for k in RUN_IDENTITY if saved.get(k) != getattr(args, k)}
+    if changed:
+        lines = "\n".join(f"  --{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
+        raise SystemExit(f"{path} belongs to a different run:\n{lines}\n"
+                         f"Use the same settings to resume, or a new --out_dir for a new run.")
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, local_rank, world, device = setup_distributed()
+    master = rank == 0
+    if args.rollout_batch % world:
+        raise SystemExit(f"--rollout_batch {args.rollout_batch} is not divisible by {world} ranks")
+    torch.manual_seed(args.seed)
+
+    # ---- resume or start ----
+    resume_from = latest_checkpoint(args.out_dir) if args.resume else None
+    if not args.resume and os.path.isdir(checkpoint_dir(args.out_dir)) and os.listdir(checkpoint_dir(args.out_dir)):
+        raise SystemExit(f"{args.out_dir} already holds checkpoints; pass --resume to continue that run "
+                         f"or choose another --out_dir (nothing is overwritten)")
+    if resume_from:
+        with open(os.path.join(resume_from, "vgpo_config.json")) as f:
+            check_same_run(json.load(f), args, resume_from)
+    model_path = args.model
+    if args.model == "tiny":
+        model_path = os.path.join(args.out_dir, "tiny-init")
+        if master:
+            tiny.build_tiny_model(model_path, seed=args.seed)
+        if world > 1:
+            dist.barrier()
+    model, processor, attn = load_model(resume_from or model_path, args, device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    if args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    ref_model = None
+    if args.kl_coef > 0:
+        ref_model, _, _ = load_model(model_path, args, device)
+        ref_model.requires_grad_(False)
+
+    train_data = open_data(args.train_data, args.train_split, args, seed_offset=0, size=-1)
+    val_data = open_data(args.val_data, args.val_split, args, seed_offset=10_000, size=args.val_size)
+    max_steps = args.max_steps
+    if max_steps < 0:
+        max_steps = max(1, math.ceil(args.epochs * len(train_data) / args.rollout_batch))
+    stream = PromptStream(len(train_data), args.seed)
+    start_step = 0
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "training_state.pt"), weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, stream.position = state["step"], state["data_position"]
+
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        # a resumed run redoes the steps after its checkpoint: drop their old log lines
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start_step]
+            with open(metrics_path, "w") as f:
+                f.writelines(lines)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model {args.model} ({n_params / 1e6:.2f}M params, attention: {attn}, device: {device}, "
+              f"world: {world}); train {args.train_data} ({len(train_data)} rows), val {args.val_data} "
+              f"({len(val_data)}); VGPO intra={args.intra} inter={args.inter} compensation={args.compensation} "
+              f"gate={args.gate}" + (f"; resuming from {resume_from}" if resume_from else ""))
+        print("config: " + json.dumps(vars(args)))
+
+    from tqdm import tqdm
+    bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master,
+               desc="train", dynamic_ncols=True)
+    switches = dict(intra=args.intra, inter=args.inter, compensation=args.compensation, gate=args.gate,
+                    beta=args.beta, kappa=args.kappa, gamma=args.gamma, schedule=args.schedule,
+                    start=args.comp_start, exponent=args.exponent, step_at=args.step_at)
+    skipped_steps = 0
+    for step in bar:
+        t0 = time.time()
+        # every step re-seeds from (seed, rank, step): a resumed run samples exactly the same
+        torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+        random.seed(args.seed * 1_000_003 + step * 1009 + rank)
+
+        # ---- rollout ----
+        counters = dict(bad_rows=0, long_prompts=0, sampled_groups=0, zero_std_groups=0, acc_sum=0.0,
+                        len_sum=0.0, truncated=0, responses=0, tries=0)
+        roll = collect_rollouts(model, processor, train_data, stream, args, rank, world, device, counters)
+
+        # ---- advantages ----
+        n_rows = 0 if roll is None else len(roll["acc"])
+        update = {}
+        if roll is not None:
+            old_logp, focus = score_rollouts(model, roll, args, device)
+            if ref_model is not None:
+                roll["ref_logp"], _ = score_rollouts(ref_model, roll, args, device, focus=False)
+            has_image = (roll["ipr"] > 0)
+            adv, stats = vgpo.vgpo_advantages(roll["acc"], roll["group_ids"], focus, roll["mask"], has_image, **switches)
+            roll.update(old_logp=old_logp, adv=adv)
+
+        # ---- update ----
+        model.train()
+        n_groups = n_rows // args.group_size
+        group_rows = torch.arange(n_rows).view(n_groups, args.group_size) if n_rows else torch.zeros(0, args.group_size, dtype=torch.long)
+        n_mini = args.rollout_batch // args.mini_batch
+        sums = torch.zeros(8)  # loss, clip up/low/dual, approx_kl, entropy, kl, grad_norm
+        n_updates = 0
+        for _ in range(args.ppo_epochs):
+            for mini in torch.tensor_split(group_rows, n_mini):
+                rows = mini.flatten()
+                # the token count of the whole global mini-batch: every rank divides by it
+                num_tokens = all_reduce(torch.tensor(float(roll["mask"][rows].sum()) if len(rows) else 0.0), world)
+                if num_tokens.item() == 0:
+                    continue
+                num_tokens = num_tokens.to(device)
+                local = torch.zeros(7)
+                for micro in rows.split(args.micro_batch):
+                    prompts, responses, mask, width = micro_inputs(roll, micro, device)
+                    with autocast(device):
+                        logp, _ = rollout.score(model, prompts, responses, mask, temperature=args.temperature)
+                    loss, m = vgpo.policy_loss(logp, roll["old_logp"][micro, :width].to(device),
+                                               roll["adv"][micro, :width].to(device), mask,
+                                               clip_low=args.clip_low, clip_high=args.clip_high,
+                                               clip_dual=args.clip_dual, num_tokens=num_tokens)
+                    kl = torch.zeros((), device=device)
+                    if ref_model is not None:
+                        kl_tok = vgpo.kl_penalty(logp, roll["ref_logp"][micro, :width].to(device), args.kl_kind)
+                        kl = (kl_tok * mask).sum() / num_tokens
+                        loss = loss + args.kl_coef * kl
+                    loss.backward()
+                    local += torch.stack([loss.detach().cpu(), *[m[k].cpu() for k in ("clipfrac_upper", "clipfrac_lower",
+                                          "clipfrac_dual", "approx_kl", "entropy")], kl.detach().cpu()])
+                all_reduce_grads(params, world)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                if torch.isfinite(grad_norm):
+                    optimizer.step()
+                else:
+                    skipped_steps += 1                   # a non-finite gradient never reaches the weights
+                optimizer.zero_grad(set_to_none=True)
+                sums[:7] += all_reduce(local, world)
+                sums[7] += grad_norm.float().cpu()
+                n_updates += 1
+
+        # ---- log & checkpoint ----
+        c = all_reduce(torch.tensor([counters[k] for k in ("bad_rows", "long_prompts", "sampled_groups",
+                                     "zero_std_groups", "acc_sum", "len_sum", "truncated", "responses")],
+                                    dtype=torch.float64), world)
+        row = dict(step=step + 1, reward=float(c[4] / c[7].clamp(min=1)), acc=float(c[4] / c[7].clamp(min=1)),
+                   response_len=float(c[5] / c[7].clamp(min=1)), truncated=float(c[6] / c[7].clamp(min=1)),
+                   sampled_groups=int(c[2]), zero_std_groups=int(c[3]), tries=counters["tries"],
+                   bad_rows=int(c[0]), long_prompts=int(c[1]), updates=n_updates, skipped_updates=skipped_steps)
+        if n_updates:
+            avg = (sums / n_updates).tolist()
+            row.update(loss=avg[0], clipfrac_upper=avg[1], clipfrac_lower=avg[2], clipfrac_dual=avg[3],
+                       approx_kl=avg[4], entropy=avg[5], kl=avg[6], grad_norm=avg[7])
+        if roll is not None:
+            row.update(vgpo_stats(stats, roll["mask"], focus, world))
+        if (args.val_every and (step + 1) % args.val_every == 0) or step + 1 == max_steps:
+            row["val_acc"] = validate(model, processor, val_data, args, rank, world, device)
+        row["time"] = time.time() - t0
+        if master:
+            bar.write(f"step {row['step']:4d} | acc {row['acc']:.3f} | len {row['response_len']:.1f} | "
+                      f"groups kept {n_rows // args.group_size * world}/{row['sampled_groups']} | "
+                      f"loss {row.get('loss', float('nan')):+.4f} | "
+                      + (f"val_acc {row['val_acc']:.3f} | " if "val_acc" in row else "") + f"{row['time']:.1f}s")
+        save_now = (step + 1) % args.save_every == 0 or step + 1 == max_steps
+        if save_now:
+            row["replica_divergence"] = replica_divergence(params, world)
+            if master and row["replica_divergence"] > 0:
+                bar.write(f"WARNING: ranks disagree on the weights by {row['replica_divergence']:.3g}")
+        if master:  # the log line first: a resumed run drops lines after its checkpoint
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if save_now:
+                save_checkpoint(model, processor, optimizer, step + 1, stream, args, row)
+        if save_now and world > 1:
+            dist.barrier()
+    if master:
+        final = latest_checkpoint(args.out_dir)
+        val = row.get("val_acc")
+        print(f"done: {max_steps} steps, final val_acc {val:.3f}, checkpoint {final}" if val is not None
+              else f"done: {max_steps} steps, checkpoint {final}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def vgpo_stats(stats, mask, focus, world):
+    """ψ / α / focus summaries for the log, averaged over ranks (focus early/late thirds)."""
+    m = mask.float()
+    x = vgpo.relative_position(mask)                             # 0 at the first token, 1 at the last
+    early, late = m * (x < 1 / 3), m * (x >= 2 / 3)
+    v = torch.tensor([
+        (stats["psi"] * m).sum(), ((stats["psi"] - 1) ** 2 * m).sum(), m.sum(),
+        stats["alpha"].sum(), ((stats["alpha"] - 1) ** 2).sum(), float(len(stats["alpha"])),
+        (focus * early).sum(), early.sum(), (focus * late).sum(), late.sum(),
+        (stats["gate"].float() * m).sum(),
+    ], dtype=torch.float64)
+    v = all_reduce(v, world)
+    return dict(psi_mean=float(v[0] / v[2]), psi_std=float((v[1] / v[2]).sqrt()),
+                alpha_mean=float(v[3] / v[5]), alpha_std=float((v[4] / v[5]).sqrt()),
+                focus_early=float(v[6] / v[7].clamp(min=1)), focus_late=float(v[8] / v[9].clamp(min=1)),
+                gate_frac=float(v[10] / v[2]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
