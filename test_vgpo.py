@@ -424,3 +424,356 @@ def test_bad_input_raises_a_clear_error():
     with pytest.raises(ValueError, match="num_tokens"):
         vgpo.policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2),
                          torch.zeros(1, 2, dtype=torch.bool))
+
+
+# =============================================================================
+# rollout and training (the embedded tiny model, CPU)
+
+import json
+import os
+import subprocess
+import sys
+
+import rollout
+import tiny
+import train
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return tiny.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    return (AutoModelForImageTextToText.from_pretrained(tiny_model_dir),
+            AutoProcessor.from_pretrained(tiny_model_dir))
+
+
+# a few cheap steps: small batches, tiny validation
+FAST = ["--rollout_batch", "8", "--mini_batch", "4", "--group_size", "8", "--val_size", "16",
+        "--val_every", "2", "--save_every", "2", "--max_tries", "4"]
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_response_mask_stops_at_the_first_eos_by_position_even_when_pad_is_eos():
+    EOS = 9
+    responses = torch.tensor([[5, 6, EOS, EOS, EOS],    # pad == EOS after the real EOS
+                              [EOS, 1, 2, 3, 4],        # EOS first: a length-1 response
+                              [1, 2, 3, 4, 5]])         # no EOS: truncated, all valid
+    mask, truncated = rollout.response_mask_from_eos(responses, [EOS])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+
+
+def test_repeating_prompts_keeps_each_rows_images_in_order(tiny_model):
+    _, processor = tiny_model
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for k, n_images in enumerate([2, 1, 1]):
+        ex = tiny.counting_example(7, k)
+        side = [56, 84, 112][k]                                          # different grids
+        images = [tiny.counting_example(8, 10 * k + j)["images"][0].resize((side, side))
+                  for j in range(n_images)]
+        examples.append({"problem": "<image>" * n_images + "How many?", "answer": ex["answer"],
+                         "images": images})
+    batch, ipr = rollout.encode_prompts(processor, examples, "")
+    rows = torch.tensor([2, 0, 0, 1, 2, 1])                              # any order, repeats
+    got, got_ipr = rollout.take_rows(batch, ipr, rows)
+    want, want_ipr = rollout.encode_prompts(processor, [examples[r] for r in rows.tolist()], "")
+    assert torch.equal(got["image_grid_thw"], want["image_grid_thw"])
+    assert torch.equal(got["pixel_values"], want["pixel_values"])
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert torch.equal(got["attention_mask"], want["attention_mask"])
+    assert torch.equal(got_ipr, want_ipr)
+
+
+def test_sampled_responses_never_contain_vision_or_chat_control_tokens(tiny_model):
+    model, processor = tiny_model
+    examples = [tiny.counting_example(3, i) for i in range(32)]
+    batch, _ = rollout.encode_prompts(processor, examples, "")
+    banned = torch.tensor(rollout.suppressed_ids(model, processor))
+    for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>"):
+        assert processor.tokenizer.convert_tokens_to_ids(t) in banned
+    torch.manual_seed(0)
+    responses, mask, _ = rollout.generate(model, processor, batch, max_new_tokens=16)
+    assert not torch.isin(responses[mask], banned).any()
+    # the check can fail: the same random model, unconstrained, does emit them
+    torch.manual_seed(0)
+    free = model.generate(**batch, max_new_tokens=16, do_sample=True, suppress_tokens=None)
+    assert torch.isin(free[:, batch["input_ids"].shape[1]:], banned).any()
+
+
+def test_grading_extracts_the_last_box_and_uses_the_graders():
+    assert rollout.last_boxed("a \\boxed{1} then \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
+    assert rollout.grade("\\frac{1}{2}", "0.5") and rollout.grade("3.0", "3")
+    assert not rollout.grade("4", "3") and not rollout.grade(None, "3")
+    assert rollout.grade("(B) 12 cm", "B") and rollout.grade("B", "B")
+    assert not rollout.grade("NONE", "E"), "a letter is never matched by substring"
+    assert rollout.extract_answer("I think 3") is None, "real tasks need a box"
+    assert rollout.extract_answer("I think 3", bare=True) == "3"
+
+
+def test_a_few_training_steps_change_the_weights_and_keep_losses_finite(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    out = str(tmp_path / "run")
+    train.main(["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2"] + FAST)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert sum(r["updates"] for r in rows) > 0
+    assert all(math.isfinite(r["loss"]) for r in rows if r["updates"])
+    assert "val_acc" in rows[-1] and "psi_mean" in rows[-1] and "focus_late" in rows[-1]
+    before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    after = load_file(os.path.join(out, "checkpoints", "step_000002", "model.safetensors"))
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("visual" in k for k in changed) and any("language_model" in k or "layers" in k for k in changed)
+
+
+def test_a_resumed_run_logs_the_same_metrics_as_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    common = ["--model", tiny_model_dir] + FAST
+    train.main(common + ["--out_dir", full, "--max_steps", "4"])
+    train.main(common + ["--out_dir", part, "--max_steps", "2"])
+    train.main(common + ["--out_dir", part, "--max_steps", "4", "--resume"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    assert strip(read_metrics(part)) == strip(read_metrics(full))
+    a = load_file(os.path.join(full, "checkpoints", "step_000004", "model.safetensors"))
+    b = load_file(os.path.join(part, "checkpoints", "step_000004", "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_torchrun_keeps_both_ranks_weights_identical(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "train.py", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2"] + FAST
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out)
+    assert sum(r["updates"] for r in rows) > 0
+    assert rows[-1]["replica_divergence"] == 0.0
+
+
+# ---- bad input: each a clear message naming the file/row and the fix ----
+
+def write_virl_rows(folder, rows):
+    """A small ViRL39K-style jsonl with image files on disk, as the real path reads it."""
+    os.makedirs(folder, exist_ok=True)
+    records = []
+    for k, row in enumerate(rows):
+        paths = []
+        for j, image in enumerate(row.get("images", [])):
+            name = f"img_{k}_{j}.png"
+            image.save(os.path.join(folder, name))
+            paths.append(name)
+        records.append({"problem": row["problem"], "answer": row.get("answer"), "images": paths})
+    path = os.path.join(folder, "train.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return path
+
+
+def counting_rows(n, seed=5):
+    return [tiny.counting_example(seed, i) for i in range(n)]
+
+
+def test_the_real_path_loader_trains_on_local_jsonl_and_parquet(tiny_model_dir, tmp_path):
+    jsonl = write_virl_rows(str(tmp_path / "data"), counting_rows(12))
+    import datasets
+    parquet = str(tmp_path / "data" / "val.parquet")
+    datasets.Dataset.from_list([{"problem": r["problem"], "answer": r["answer"],
+                                 "images": [{"bytes": _png(r["images"][0]), "path": None}]}
+                                for r in counting_rows(6, seed=6)]).to_parquet(parquet)
+    rows = rollout.Rows(rollout.load_table(jsonl, "train", ("problem", "answer", "images")), jsonl)
+    ex = rows[3]
+    assert ex["answer"] == counting_rows(12)[3]["answer"] and ex["images"][0].size == (84, 84)
+    out = str(tmp_path / "run")
+    train.main(["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1", "--train_data", jsonl,
+                "--val_data", parquet] + FAST)
+    assert read_metrics(out)[-1]["sampled_groups"] > 0 and "val_acc" in read_metrics(out)[-1]
+
+
+def _png(image):
+    import io
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_rows_are_errors_that_name_the_row_or_counted_skips(tiny_model_dir, tmp_path):
+    good = counting_rows(8)
+    path = write_virl_rows(str(tmp_path / "d"), good + [
+        {"problem": "<image>How many squares?", "answer": None, "images": good[0]["images"]},
+        {"problem": "<image><image>How many squares?", "answer": "2", "images": good[0]["images"]},
+        {"problem": "<image>How many squares?", "answer": "1", "images": good[0]["images"]},
+    ])
+    os.remove(os.path.join(tmp_path, "d", "img_10_0.png"))               # row 10: missing file
+    rows = rollout.Rows(rollout.load_table(path, "train", ("problem", "answer", "images")), path)
+    with pytest.raises(rollout.BadRowError, match="row 8: no answer"):
+        rows[8]
+    with pytest.raises(rollout.BadRowError, match="row 9: 2 <image> placeholders .* but 1 images"):
+        rows[9]
+    with pytest.raises(rollout.BadRowError, match="row 10: image 0 cannot be opened"):
+        rows[10]
+    counters = {"bad_rows": 0}
+    args = train.parse_args(["--skip_bad_rows"])
+    kept = train.fetch_examples(rows, range(11), args, counters)
+    assert len(kept) == 8 and counters["bad_rows"] == 3
+
+
+def test_bad_datasets_models_and_flags_are_refused_clearly(tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(Exception, match="empty|no column"):
+        rollout.load_table(str(empty), "train", ("problem", "answer", "images"))
+    nocol = tmp_path / "nocol.jsonl"
+    nocol.write_text(json.dumps({"question": "x", "answer": "1", "images": []}) + "\n")
+    with pytest.raises(ValueError, match="--problem_key"):
+        rollout.load_table(str(nocol), "train", ("problem", "answer", "images"))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--max_steps", "0"])
+    assert "--max_steps 0 trains nothing" in capsys.readouterr().err
+    # a model whose config has no image token id
+    import shutil
+    broken = str(tmp_path / "noimage")
+    shutil.copytree(tiny_model_dir, broken)
+    cfg_path = os.path.join(broken, "config.json")
+    cfg = json.load(open(cfg_path))
+    del cfg["image_token_id"]                     # falls back to a default outside the vocab
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(ValueError, match="no usable image_token_id"):
+        train.load_model(broken, train.parse_args([]), torch.device("cpu"))
+
+
+def test_resuming_another_runs_checkpoint_is_refused(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1"] + FAST)
+    with pytest.raises(SystemExit, match="different run(.|\n)*--lr"):
+        train.main(["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2", "--resume", "--lr", "1e-4"] + FAST)
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        train.main(["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2"] + FAST)
+
+
+# =============================================================================
+# learning, and eval.py on a trained checkpoint
+
+import eval as evaluate
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """`python train.py` with every default (the README's main job), trained once."""
+    out = str(tmp_path_factory.mktemp("trained") / "out")
+    train.main(["--out_dir", out])
+    return out
+
+
+def test_the_default_job_learns_to_read_the_image(trained_run):
+    rows = read_metrics(trained_run)
+    assert rows[0]["acc"] < 0.3, "a random model starts near chance"
+    assert rows[-1]["val_acc"] >= 0.8
+    assert all(math.isfinite(r.get("loss", 0.0)) for r in rows)
+
+
+def test_eval_scores_the_trained_checkpoint_and_blank_images_fall_to_chance(trained_run, capsys):
+    evaluate.main(["--ckpt", trained_run, "--image_ablation", "blank"])
+    table = capsys.readouterr().out
+    assert "| validation | 200 |" in table
+    ckpt = train.latest_checkpoint(trained_run)
+    summary = json.load(open(os.path.join(ckpt, "eval", "summary.json")))["validation"]
+    assert summary["accuracy"] >= 0.8
+    assert summary["accuracy_blank"] <= 0.35, "with blank images the model can only guess (<= 25%)"
+    # the per-sample file recounts to the summary, failures and all
+    preds = [json.loads(l) for l in open(os.path.join(ckpt, "eval", "predictions.jsonl"))]
+    normal = [p for p in preds if "ablation" not in p]
+    assert len(normal) == summary["n"] == 200
+    assert sum(p["correct"] for p in normal) / len(normal) == summary["accuracy"]
+    blank = [p for p in preds if p.get("ablation") == "blank"]
+    assert sum(p["correct"] for p in blank) / len(blank) == summary["accuracy_blank"]
+
+
+def test_eval_focus_and_plot_write_their_outputs(trained_run, tiny_model_dir, tmp_path, capsys):
+    png = str(tmp_path / "focus.png")
+    evaluate.main(["--ckpt", tiny_model_dir, trained_run, "--data", _eval_jsonl(tmp_path),
+                   "--focus", "--plot", png, "--output_dir", str(tmp_path / "ev"), "--max_new_tokens", "4"])
+    assert os.path.getsize(png) > 10_000 and open(png, "rb").read(4) == b"\x89PNG"
+    table = capsys.readouterr().out
+    assert table.count("| counting_local |") == 2 and "late/early" in table
+    for name in ("model", os.path.basename(train.latest_checkpoint(trained_run))):
+        s = json.load(open(tmp_path / "ev" / name / "summary.json"))["counting_local"]
+        assert {"early", "middle", "late", "late_over_early"} <= set(next(
+            v for k, v in s.items() if k.startswith("focus_")))
+
+
+def _eval_jsonl(tmp_path, n=6, broken=()):
+    """A local benchmark file: question/answer/images with image files next to it."""
+    folder = tmp_path / "bench"
+    folder.mkdir(exist_ok=True)
+    lines = []
+    for k in range(n):
+        ex = tiny.counting_example(77, k)
+        ex["images"][0].save(folder / f"{k}.png")
+        lines.append({"question": "How many squares?", "answer": ex["answer"], "images": [f"{k}.png"]})
+    for k in broken:
+        os.remove(folder / f"{k}.png")
+    path = folder / "counting_local.jsonl"
+    path.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return str(path)
+
+
+def test_eval_counts_an_unreadable_image_as_wrong_and_keeps_it_in_the_denominator(tiny_model_dir, tmp_path):
+    evaluate.main(["--ckpt", tiny_model_dir, "--data", _eval_jsonl(tmp_path, broken=(1, 4)),
+                   "--output_dir", str(tmp_path / "ev"), "--max_new_tokens", "2"])
+    s = json.load(open(tmp_path / "ev" / "summary.json"))["counting_local"]
+    preds = [json.loads(l) for l in open(tmp_path / "ev" / "predictions.jsonl")]
+    assert s["n"] == 6 and s["image_failures"] == 2
+    assert [p["id"] for p in preds if not p["image_ok"]] == [1, 4]
+    assert all(not p["correct"] for p in preds if not p["image_ok"])
+
+
+def test_eval_reads_a_local_copy_of_the_papo_benchmark_split(tiny_model_dir, tmp_path):
+    root = tmp_path / "papo"
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for k in range(4):
+        ex = tiny.counting_example(88, k)
+        ex["images"][0].save(root / "images" / f"c{k}.png")
+        rows.append({"messages": [{"role": "user", "content": "<image>How many squares?"},
+                                  {"role": "assistant", "content": ex["answer"]}],
+                     "images": [f"images/c{k}.png"]})
+    (root / "BUAADreamer_clevr_count_70k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluate.main(["--ckpt", tiny_model_dir, "--bench", "counting", "--data_dir", str(root),
+                   "--output_dir", str(tmp_path / "ev"), "--max_new_tokens", "2"])
+    s = json.load(open(tmp_path / "ev" / "summary.json"))["counting"]
+    assert s["n"] == 4 and s["image_failures"] == 0
+
+
+def test_eval_bad_input_is_refused_clearly(tiny_model_dir, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        evaluate.main(["--ckpt", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="unknown benchmark.*valid: mathvista"):
+        evaluate.main(["--ckpt", tiny_model_dir, "--bench", "mathvistaa"])
+    with pytest.raises(SystemExit, match="not a train.py checkpoint"):
+        evaluate.main(["--ckpt", tiny_model_dir])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="PAPO-Galaxy/PAPO_eval.*--data_dir"):
+        evaluate.main(["--ckpt", tiny_model_dir, "--bench", "geo3k"])
+    nogold = tmp_path / "nogold.jsonl"
+    nogold.write_text(json.dumps({"question": "q", "answer": "", "images": []}) + "\n")
+    with pytest.raises(SystemExit, match="sample 0: no gold answer"):
+        evaluate.main(["--ckpt", tiny_model_dir, "--data", str(nogold)])
+
+
+def test_grader_cases_from_the_evaluation_protocol():
+    cases = {("\\frac{1}{2}", "0.5"): True, ("30^\\circ", "30"): True, ("30°", "30"): True,
+             ("5 cm", "5"): True, ("None", "None"): True, ("NONE", "E"): False,
+             ("E", "E"): True, ("(E)", "E"): True, ("E. 12", "E"): True, ("B", "E"): False,
+             ("The answer is E", "E"): False, ("2\\sqrt{3}", "\\sqrt{12}"): True, ("4", "3"): False}
+    assert {k: rollout.grade(*k) for k in cases} == cases

@@ -1,0 +1,429 @@
+"""
+Score a checkpoint the way the paper reports it, and show whether it keeps looking at the image.
+
+    python eval.py --ckpt out                                   # its own validation task
+    python eval.py --ckpt out --image_ablation blank            # ... and with blank images
+    python eval.py --ckpt out --focus --plot focus.png          # visual-forgetting diagnostics
+    python eval.py --ckpt out/vgpo7b --bench all                # the paper's benchmark table
+    python eval.py --ckpt Qwen/Qwen2.5-VL-7B-Instruct out/vgpo7b --bench mathvista --focus --plot f.png
+    torchrun --nproc_per_node 8 eval.py --ckpt out/vgpo7b --bench all   # sharded, same numbers
+
+Protocol (../shared/VGPO.md): greedy decoding, up to 2048 new tokens, the training
+instruction appended; the answer is the last \\boxed{} of the response, graded by
+rollout.grade (string match, mathruler, math-verify with the gold first, or the option
+letter, never a substring test). A sample whose image cannot be opened is answered
+"" and counted wrong, and listed in the report: it never leaves the denominator.
+
+Outputs, per checkpoint, in --output_dir (default <checkpoint>/eval/): summary.json
+({benchmark: {"n", "accuracy", ...}}) and predictions.jsonl (one object per sample).
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import rollout
+import train
+import vgpo
+
+PAPO_EVAL = "PAPO-Galaxy/PAPO_eval"
+# name -> (hub dataset, split, paper 7B VGPO %, paper 7B DAPO %)
+BENCHMARKS = {
+    "mathvista": (PAPO_EVAL, "AI4Math_MathVista", 74.1, 68.7),
+    "mathverse": (PAPO_EVAL, "AI4Math_MathVerse", 71.6, 69.6),
+    "mathverse_v": (PAPO_EVAL, "AI4Math_MathVerse_vision_dependent", 67.6, 66.6),
+    "wemath": (PAPO_EVAL, "We_Math", 72.5, 70.8),
+    "mmk12": (PAPO_EVAL, "PAPO_MMK12", 81.5, 77.0),
+    "geo3k": (PAPO_EVAL, "hiyouga_geometry3k", 45.8, 45.6),
+    "logicvista": (PAPO_EVAL, "lscpku_LogicVista", 49.4, 47.4),
+    "counting": (PAPO_EVAL, "BUAADreamer_clevr_count_70k", 95.5, 85.5),
+    "mmmu_pro": (PAPO_EVAL, "MMMU_MMMU_Pro", 40.5, 39.0),
+    "mathvista_testmini": ("AI4Math/MathVista", "testmini", None, None),
+}
+BINS = 20  # relative-position bins of the focus curve
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", nargs="+", required=True, help="train.py run folder or checkpoint, or any hub id / local path of a Qwen-VL model; several = one curve each in --plot")
+    p.add_argument("--bench", nargs="+", default=None, help=f"benchmarks: {', '.join(BENCHMARKS)} or all; default: the checkpoint's own validation task")
+    p.add_argument("--data_dir", default=None, help="local copy of the benchmark data (offline): files named after the split, e.g. DIR/We_Math.parquet, images relative to DIR")
+    p.add_argument("--data", nargs="+", default=[], help="extra local .jsonl/.json/.parquet benchmarks (named after the file)")
+    p.add_argument("--question_key", default="question", help="question column of --data files (<image> marks where images go; none = images first)")
+    p.add_argument("--answer_key", default="answer", help="gold answer column of --data files")
+    p.add_argument("--image_key", default="images", help="image column of --data files: paths (relative to the file), bytes or PIL images, one or a list")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N samples of each benchmark (0 = all)")
+    p.add_argument("--batch", type=int, default=16, help="prompts per greedy generate() call")
+    p.add_argument("--max_new_tokens", type=int, default=2048, help="longest response (paper: 2048); a train.py checkpoint's own task uses its validation length")
+    p.add_argument("--instruction", default=None, help="appended to each question; default: the checkpoint's training instruction, else the paper's")
+    p.add_argument("--focus", action="store_true", help="visual focus along each response: early/middle/late thirds, correct vs wrong")
+    p.add_argument("--plot", default=None, help="PNG of mean focus against relative position, one curve per --ckpt (needs matplotlib; implies --focus)")
+    p.add_argument("--image_ablation", choices=["blank", "noise"], default=None, help="also score with every image replaced by a blank (or noise) image of the same size")
+    p.add_argument("--output_dir", default=None, help="where summary.json and predictions.jsonl go (default: <checkpoint>/eval, or eval/<name> for hub models)")
+    p.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa", "eager"], help="attention kernel")
+    p.add_argument("--min_pixels", type=int, default=0, help="resize images to at least this many pixels (0 = checkpoint's processor)")
+    p.add_argument("--max_pixels", type=int, default=0, help="resize images to at most this many pixels (0 = checkpoint's processor)")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and benchmark data
+
+def resolve_checkpoint(path):
+    """A run folder -> its latest checkpoint; a checkpoint or model folder -> itself;
+    anything else must look like a hub id ("org/name")."""
+    if os.path.isdir(path):
+        latest = train.latest_checkpoint(path)
+        if latest:
+            return latest
+        if os.path.exists(os.path.join(path, "config.json")):
+            return path
+        raise SystemExit(f"{path}: neither a model folder (no config.json) nor a train.py run "
+                         f"(no checkpoints/latest)")
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise SystemExit(f"no checkpoint at {path}: give a train.py run folder, a checkpoint "
+                         f"folder, or a hub id such as Qwen/Qwen2.5-VL-7B-Instruct")
+    return path
+
+
+def training_config(ckpt):
+    path = os.path.join(ckpt, "vgpo_config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return SimpleNamespace(**json.load(f))
+
+
+def find_split_file(root, split):
+    """DIR/<split>.parquet|jsonl|json, also one folder down (e.g. data/<split>-0000.parquet)."""
+    for pattern in (f"{split}.*", f"*/{split}.*", f"{split}-*", f"*/{split}-*"):
+        hits = sorted(h for h in glob.glob(os.path.join(root, pattern))
+                      if h.endswith((".parquet", ".jsonl", ".json")))
+        if hits:
+            return hits[0]
+    return None
+
+
+def sharegpt_fields(record):
+    """PAPO_eval rows: messages = [user "<image>question", assistant gold]."""
+    turns = record["messages"]
+    text = lambda t: t.get("content", t.get("value"))
+    role = lambda t: t.get("role", t.get("from"))
+    question = next(text(t) for t in turns if role(t) in ("user", "human"))
+    answer = next((text(t) for t in turns if role(t) in ("assistant", "gpt")), None)
+    return question, answer
+
+
+def load_benchmark(name, args):
+    """-> (list of samples {"id", "question", "answer", "images" (raw values)}, image root)."""
+    import datasets
+
+    if name in BENCHMARKS:
+        repo, split, _, _ = BENCHMARKS[name]
+        if repo == PAPO_EVAL:
+            root = args.data_dir
+            if root is None:
+                try:
+                    from huggingface_hub import snapshot_download
+                    root = snapshot_download(repo, repo_type="dataset")
+                except Exception as e:
+                    raise SystemExit(f"benchmark {name}: cannot download {repo} ({type(e).__name__}). "
+                                     f"Offline? Copy the dataset (its split files and images) to a "
+                                     f"folder and pass --data_dir FOLDER.") from None
+            path = find_split_file(root, split)
+            if path is None:
+                raise SystemExit(f"benchmark {name}: no file for split {split!r} under {root}; expected "
+                                 f"e.g. {os.path.join(root, split + '.parquet')}")
+            table = rollout.load_table(path, "train", ("messages", "images"))
+            rows = [sharegpt_fields(r) + (r["images"],) for r in table]
+        else:  # AI4Math/MathVista testmini: query (with hint), answer, decoded_image
+            try:
+                table = datasets.load_dataset(args.data_dir or repo, split=split)
+            except Exception as e:
+                raise SystemExit(f"benchmark {name}: cannot load {repo} split {split} ({type(e).__name__}); "
+                                 f"offline, pass --data_dir with a local copy of it") from None
+            rows = [(r["query"], r["answer"], [r["decoded_image"]]) for r in table]
+            root = "."
+    else:
+        table = rollout.load_table(name, "train", (args.question_key, args.answer_key, args.image_key))
+        rows = [(r[args.question_key], r[args.answer_key], r[args.image_key]) for r in table]
+        root = os.path.dirname(os.path.abspath(name))
+    samples = []
+    for k, (question, answer, images) in enumerate(rows):
+        if answer is None or str(answer).strip() == "":
+            raise SystemExit(f"benchmark {name}, sample {k}: no gold answer; fix the data or leave "
+                             f"the sample out of the file")
+        images = images if isinstance(images, (list, tuple)) else [images] if images is not None else []
+        question = str(question)
+        if images and "<image>" not in question:
+            question = "<image>" * len(images) + question
+        samples.append({"id": k, "question": question, "answer": str(answer).strip(), "images": images})
+    if args.limit:
+        samples = samples[:args.limit]
+    return samples, root
+
+
+def own_validation(cfg):
+    """The validation set a train.py run used (the synthetic held-out set by default)."""
+    data = train.open_data(cfg.val_data, cfg.val_split, cfg, seed_offset=10_000, size=cfg.val_size)
+    samples = []
+    for k in range(len(data)):
+        ex = data[k]
+        samples.append({"id": k, "question": ex["problem"], "answer": ex["answer"], "images": ex["images"]})
+    return samples
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+def ablate(image, mode, seed):
+    """A blank (black) or uniform-noise image of the same size."""
+    if mode == "blank":
+        return Image.new("RGB", image.size, (0, 0, 0))
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (image.size[1], image.size[0], 3), generator=g, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def position(T):
+    """Relative position x = t / (T - 1) of each token: 0 first, 1 last (as in Eq. 5)."""
+    return vgpo.relative_position(torch.ones(1, T, dtype=torch.bool))[0].float()
+
+
+def thirds(s):
+    """Mean focus over the early, middle and late third of one response (nan if empty).
+
+    Example: a 2-token response has an early and a late token and no middle one.
+    """
+    x = position(len(s))
+    parts = ((x < 1 / 3), (x >= 1 / 3) & (x < 2 / 3), (x >= 2 / 3))
+    return [float(s[p].mean()) if p.any() else float("nan") for p in parts]
+
+
+def binned(s):
+    """Mean focus in each of BINS relative-position bins (nan where a bin is empty)."""
+    T = len(s)
+    bins = (position(T) * BINS).long().clamp(max=BINS - 1)
+    total = torch.zeros(BINS).index_add_(0, bins, s)
+    count = torch.zeros(BINS).index_add_(0, bins, torch.ones(T))
+    return (total / count).tolist()  # 0/0 = nan for empty bins
+
+
+@torch.no_grad()
+def run_benchmark(model, processor, samples, root, args, instruction, bare, max_new_tokens, ablation, rank, world, device):
+    """Greedy answers for this rank's shard of `samples`; returns one record per sample."""
+    from tqdm import tqdm
+
+    mine = samples[rank::world]
+    records = []
+    for start in tqdm(range(0, len(mine), args.batch), disable=rank != 0, desc="eval", leave=False):
+        batch_samples, examples, pending = mine[start:start + args.batch], [], []
+        for smp in batch_samples:
+            rec = {"id": smp["id"], "question": smp["question"], "gold": smp["answer"], "image_ok": True,
+                   "response": "", "answer": None, "correct": False}
+            try:
+                images = [rollout._open_image(v, root) for v in smp["images"]]
+                if ablation:
+                    images = [ablate(im, ablation, smp["id"] * 31 + j) for j, im in enumerate(images)]
+            except Exception as e:
+                rec.update(image_ok=False, error=f"{type(e).__name__}: {e}")
+                records.append(rec)                      # counted wrong, never dropped
+                continue
+            examples.append({"problem": smp["question"], "images": images})
+            pending.append(rec)
+        if not examples:
+            continue
+        batch, _ = rollout.encode_prompts(processor, examples, instruction)
+        batch = train.to_device(batch, device)
+        with train.autocast(device):
+            responses, mask, _ = rollout.generate(model, processor, batch, max_new_tokens=max_new_tokens, temperature=0)
+            focus = None
+            if args.focus:
+                _, focus = rollout.score(model, batch, responses, mask, focus=True)
+        texts = processor.batch_decode(torch.where(mask, responses, processor.tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+        for k, (rec, text) in enumerate(zip(pending, texts)):
+            rec["response"] = text
+            rec["answer"] = rollout.extract_answer(text, bare)
+            rec["correct"] = rollout.grade(rec["answer"], rec["gold"])
+            if focus is not None:
+                s = focus[k][mask[k]].float().cpu()
+                rec["focus_thirds"], rec["focus_bins"] = thirds(s), binned(s)
+            records.append(rec)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    return sorted(records, key=lambda r: r["id"])
+
+
+def summarise(records, with_focus):
+    """accuracy over every sample (failed images included), and focus by correctness."""
+    n = len(records)
+    out = {"n": n, "accuracy": sum(r["correct"] for r in records) / max(n, 1),
+           "image_failures": sum(not r["image_ok"] for r in records)}
+    if with_focus:
+        for label, group in (("correct", [r for r in records if r["correct"] and "focus_thirds" in r]),
+                             ("wrong", [r for r in records if not r["correct"] and "focus_thirds" in r])):
+            if not group:
+                continue
+            early, middle, late = (_nanmean([r["focus_thirds"][i] for r in group]) for i in range(3))
+            out[f"focus_{label}"] = {"n": len(group), "early": early, "middle": middle, "late": late,
+                                     "late_over_early": late / early if early else float("nan")}
+    return out
+
+
+def _nanmean(values):
+    """Mean over the responses that have this third at all (short ones may not)."""
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def mean_curve(records):
+    """Mean focus per relative-position bin over all responses that reach the bin."""
+    total, count = [0.0] * BINS, [0] * BINS
+    for r in records:
+        for b, v in enumerate(r.get("focus_bins", [])):
+            if not math.isnan(v):
+                total[b] += v
+                count[b] += 1
+    return [t / c if c else float("nan") for t, c in zip(total, count)]
+
+
+def plot_curves(curves, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [(b + 0.5) / BINS for b in range(BINS)]
+    for label, curve in curves.items():
+        pts = [(xi, yi) for xi, yi in zip(x, curve) if not math.isnan(yi)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("relative position in the response (0 = first token, 1 = last)")
+    ax.set_ylabel("mean visual focus  cos(h_t, v)")
+    ax.set_title("Does the model keep looking at the image?")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.plot:
+        args.focus = True
+    names = args.bench or []
+    if names == ["all"]:
+        names = [n for n in BENCHMARKS if n != "mathvista_testmini"]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise SystemExit(f"unknown benchmark {unknown}; valid: {', '.join(BENCHMARKS)} or all")
+    rank, _, world, device = train.setup_distributed()
+    master = rank == 0
+    ckpts = [resolve_checkpoint(c) for c in args.ckpt]
+
+    table, curves = [], {}
+    for ckpt in ckpts:
+        cfg = training_config(ckpt)
+        if not names and not args.data and cfg is None:
+            raise SystemExit(f"{ckpt} is not a train.py checkpoint, so it has no validation task of its "
+                             f"own; pass --bench (or --data)")
+        load_args = SimpleNamespace(attn=args.attn, trust_remote_code=args.trust_remote_code,
+                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        model, processor, attn = train.load_model(ckpt, load_args, device)
+        model.eval()
+        instruction = args.instruction if args.instruction is not None else (
+            cfg.instruction if cfg is not None else rollout.INSTRUCTION)
+        jobs = []  # (name, samples, image root, bare answers, max new tokens)
+        if not names and not args.data:
+            jobs.append(("validation", own_validation(cfg), ".", cfg.bare_answers, cfg.val_max_new_tokens))
+        for name in names + args.data:
+            samples, root = load_benchmark(name, args)
+            label = name if name in BENCHMARKS else os.path.splitext(os.path.basename(name))[0]
+            jobs.append((label, samples, root, False, args.max_new_tokens))
+        out_dir = args.output_dir or (os.path.join(ckpt, "eval") if os.path.isdir(ckpt)
+                                      else os.path.join("eval", ckpt.replace("/", "__")))
+        if len(ckpts) > 1 and args.output_dir:
+            out_dir = os.path.join(args.output_dir, os.path.basename(os.path.normpath(ckpt)))
+        summary, predictions, all_records = {}, [], []
+        for label, samples, root, bare, max_new in jobs:
+            if master:
+                print(f"{ckpt}: {label} ({len(samples)} samples, attention {attn})", file=sys.stderr)
+            records = run_benchmark(model, processor, samples, root, args, instruction, bare, max_new,
+                                    None, rank, world, device)
+            summary[label] = summarise(records, args.focus)
+            all_records += records
+            predictions += [dict(r, benchmark=label) for r in records]
+            if args.image_ablation:
+                ablated = run_benchmark(model, processor, samples, root, args, instruction, bare, max_new,
+                                        args.image_ablation, rank, world, device)
+                summary[label][f"accuracy_{args.image_ablation}"] = summarise(ablated, False)["accuracy"]
+                predictions += [dict(r, benchmark=label, ablation=args.image_ablation) for r in ablated]
+            table.append((ckpt, label, summary[label]))
+        if args.focus:
+            curves[ckpt] = mean_curve(all_records)
+        if master:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+                for r in predictions:
+                    f.write(json.dumps(r) + "\n")
+            print(f"wrote {out_dir}/summary.json and predictions.jsonl", file=sys.stderr)
+        del model
+
+    if master:
+        print(markdown_table(table, args))
+        if args.plot:
+            plot_curves(curves, args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def markdown_table(table, args):
+    ablation = args.image_ablation
+    head = ["checkpoint", "benchmark", "n", "accuracy %"]
+    if ablation:
+        head += [f"{ablation} images %", "drop"]
+    if args.focus:
+        head += ["focus early", "focus late", "late/early (correct)", "late/early (wrong)"]
+    head += ["paper 7B VGPO %", "paper 7B DAPO %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ckpt, label, s in table:
+        paper = BENCHMARKS.get(label, (None, None, None, None))
+        row = [ckpt, label, str(s["n"]), f"{100 * s['accuracy']:.1f}"]
+        if ablation:
+            a = s[f"accuracy_{ablation}"]
+            row += [f"{100 * a:.1f}", f"{100 * (s['accuracy'] - a):+.1f}"]
+        if args.focus:
+            groups = [s[k] for k in ("focus_correct", "focus_wrong") if k in s]
+            n = sum(g["n"] for g in groups) or 1
+            early = sum(g["early"] * g["n"] for g in groups) / n
+            late = sum(g["late"] * g["n"] for g in groups) / n
+            ratio = lambda k: f"{s[k]['late_over_early']:.2f}" if k in s else "-"
+            row += [f"{early:.3f}", f"{late:.3f}", ratio("focus_correct"), ratio("focus_wrong")]
+        row += [f"{paper[2]:.1f}" if paper[2] else "-", f"{paper[3]:.1f}" if paper[3] else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
