@@ -55,7 +55,7 @@ BINS = 20  # relative-position bins of the focus curve
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", nargs="+", required=True, help="train.py run folder or checkpoint, or any hub id / local path of a Qwen-VL model; several = one curve each in --plot")
-    p.add_argument("--bench", nargs="+", default=None, help=f"benchmarks: {', '.join(BENCHMARKS)} or all; default: the checkpoint's own validation task")
+    p.add_argument("--bench", nargs="+", default=None, help=f"benchmarks: {', '.join(BENCHMARKS)} or all; default: the checkpoint's own validation task (a base model given beside a train.py checkpoint borrows its task)")
     p.add_argument("--data_dir", default=None, help="local copy of the benchmark data (offline): files named after the split, e.g. DIR/We_Math.parquet, images relative to DIR")
     p.add_argument("--data", nargs="+", default=[], help="extra local .jsonl/.json/.parquet benchmarks (named after the file)")
     p.add_argument("--question_key", default="question", help="question column of --data files (<image> marks where images go; none = images first)")
@@ -278,8 +278,10 @@ def summarise(records, with_focus):
             if not group:
                 continue
             early, middle, late = (_nanmean([r["focus_thirds"][i] for r in group]) for i in range(3))
+            # a ratio of cosines only means something when the early mean is positive
             out[f"focus_{label}"] = {"n": len(group), "early": early, "middle": middle, "late": late,
-                                     "late_over_early": late / early if early else float("nan")}
+                                     "late_minus_early": late - early,
+                                     "late_over_early": late / early if early > 0 else float("nan")}
     return out
 
 
@@ -339,9 +341,13 @@ def main(argv=None):
     master = rank == 0
     ckpts = [resolve_checkpoint(c) for c in args.ckpt]
 
+    # a model without a validation task of its own (e.g. the base model beside its trained
+    # checkpoint) is scored on the task of the first train.py checkpoint in --ckpt
+    configs = {c: training_config(c) for c in ckpts}
+    fallback = next((cfg for cfg in configs.values() if cfg is not None), None)
     table, curves = [], {}
     for ckpt in ckpts:
-        cfg = training_config(ckpt)
+        cfg = configs[ckpt] or fallback
         if not names and not args.data and cfg is None:
             raise SystemExit(f"{ckpt} is not a train.py checkpoint, so it has no validation task of its "
                              f"own; pass --bench (or --data)")
@@ -418,7 +424,7 @@ def markdown_table(table, args):
             n = sum(g["n"] for g in groups) or 1
             early = sum(g["early"] * g["n"] for g in groups) / n
             late = sum(g["late"] * g["n"] for g in groups) / n
-            ratio = lambda k: f"{s[k]['late_over_early']:.2f}" if k in s else "-"
+            ratio = lambda k: f"{s[k]['late_over_early']:.2f}" if k in s and s[k]["late_over_early"] == s[k]["late_over_early"] else "-"
             row += [f"{early:.3f}", f"{late:.3f}", ratio("focus_correct"), ratio("focus_wrong")]
         row += [f"{paper[2]:.1f}" if paper[2] else "-", f"{paper[3]:.1f}" if paper[3] else "-"]
         lines.append("| " + " | ".join(row) + " |")
