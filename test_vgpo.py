@@ -777,3 +777,50 @@ def test_grader_cases_from_the_evaluation_protocol():
              ("E", "E"): True, ("(E)", "E"): True, ("E. 12", "E"): True, ("B", "E"): False,
              ("The answer is E", "E"): False, ("2\\sqrt{3}", "\\sqrt{12}"): True, ("4", "3"): False}
     assert {k: rollout.grade(*k) for k in cases} == cases
+
+
+# =============================================================================
+# memory-lean log-probs and micro-batching
+
+def test_chunked_logprobs_equal_one_block_in_value_and_gradient():
+    g = torch.Generator().manual_seed(21)
+    lm_head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 50, (3, 11), generator=g)
+    full = rollout.response_logprobs(lm_head, hidden, tokens, temperature=0.7, chunk=0)
+    (g_full,) = torch.autograd.grad(full.sum(), hidden)
+    ref = torch.log_softmax(lm_head(hidden).float() / 0.7, -1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(full, ref)
+    for chunk in (1, 4, 11, 64):
+        part = rollout.response_logprobs(lm_head, hidden, tokens, temperature=0.7, chunk=chunk)
+        (g_part,) = torch.autograd.grad(part.sum(), hidden)
+        torch.testing.assert_close(part, full)
+        torch.testing.assert_close(g_part, g_full)
+
+
+def test_a_training_step_does_not_depend_on_how_it_is_micro_batched(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    # Adam's update is blind to a gradient's scale, so the logged gradient norm and loss
+    # (token means over the whole mini-batch) are compared, then the weights
+    weights, logged = {}, {}
+    for name, flags in {"one": ["--micro_batch", "64"], "rows5": ["--micro_batch", "5"],
+                        "tokens": ["--micro_tokens", "150"], "chunk1": ["--logp_chunk", "1"]}.items():
+        out = str(tmp_path / name)
+        train.main(["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1", "--mini_batch", "8"]
+                   + FAST[4:] + ["--rollout_batch", "8", "--group_size", "8"] + flags)
+        row = read_metrics(out)[0]
+        assert row["updates"] == 1
+        logged[name] = torch.tensor([row["grad_norm"], row["loss"], row["entropy"]])
+        weights[name] = load_file(os.path.join(out, "checkpoints", "step_000001", "model.safetensors"))
+    for name in ("rows5", "tokens", "chunk1"):
+        torch.testing.assert_close(logged[name], logged["one"], rtol=1e-5, atol=1e-7)
+        for k in weights["one"]:
+            torch.testing.assert_close(weights[name][k], weights["one"][k], atol=2e-5, rtol=1e-4)
+
+
+def test_token_budget_packs_rows_in_order():
+    roll = {"prompts": {"attention_mask": torch.tensor([[1] * 20, [1] * 20, [1] * 20, [1] * 20])},
+            "mask": torch.tensor([[1] * 10 + [0] * 40, [1] * 10 + [0] * 40, [1] * 40 + [0] * 10, [1] * 5 + [0] * 45])}
+    args = train.parse_args(["--micro_tokens", "100"])
+    parts = train.micro_batches(roll, torch.arange(4), args)                 # lengths 30, 30, 60, 25
+    assert [p.tolist() for p in parts] == [[0, 1], [2], [3]]

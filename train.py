@@ -127,6 +127,8 @@ def build_parser():
     g = p.add_argument_group("update")
     g.add_argument("--mini_batch", type=int, default=32, help="prompts per optimizer step, all ranks together (paper: 128)")
     g.add_argument("--micro_batch", type=int, default=64, help="sequences per forward/backward on one rank (memory only: the gradient does not depend on it)")
+    g.add_argument("--micro_tokens", type=int, default=0, help="pack micro-batches up to this many padded tokens instead of --micro_batch rows (0 = off)")
+    g.add_argument("--logp_chunk", type=int, default=512, help="response positions per lm_head/log-softmax block (checkpointed); bounds the logits memory (0 = one block)")
     g.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch")
     g.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (paper: 1e-6)")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (paper: 1e-2)")
@@ -426,18 +428,96 @@ def micro_inputs(roll, rows, device):
 def score_rollouts(model, roll, args, device, focus=True):
     """The no-grad forward of step 2: old log-probs and visual focus for every row."""
     model.eval()
-    T = roll["mask"].shape[1]
     logp = torch.zeros(roll["mask"].shape)
     s = torch.zeros(roll["mask"].shape)
-    for rows in torch.arange(len(roll["acc"])).split(args.micro_batch):
+    for rows in micro_batches(roll, torch.arange(len(roll["acc"])), args):
         prompts, responses, mask, width = micro_inputs(roll, rows, device)
         with autocast(device):
-            lp, f = rollout.score(model, prompts, responses, mask, temperature=args.temperature, focus=focus)
+            lp, f = rollout.score(model, prompts, responses, mask, temperature=args.temperature, focus=focus,
+                                  logp_chunk=args.logp_chunk)
         logp[rows, :width] = lp.float().cpu()
         if focus:
             s[rows, :width] = f.cpu()
-    assert logp.shape[1] == T
     return logp, s
+
+
+# -----------------------------------------------------------------------------
+# update
+
+def micro_batches(roll, rows, args):
+    """Split rows into micro-batches: --micro_batch rows each, or, with --micro_tokens,
+    as many rows as fit in that many padded tokens (prompt + response), in order.
+
+    Example (micro_tokens 100): rows of 30, 30, 60 tokens -> [r0, r1] (2 x 30), [r2].
+    Memory follows the padded size of a micro-batch, so a token budget packs many short
+    responses together and keeps long ones alone. Gradients do not depend on the split.
+    """
+    if not args.micro_tokens:
+        return list(rows.split(args.micro_batch))
+    lengths = (roll["prompts"]["attention_mask"].sum(1) + roll["mask"].sum(1))[rows].tolist()
+    out, current, longest = [], [], 0
+    for r, n in zip(rows.tolist(), lengths):
+        if current and (len(current) + 1) * max(longest, n) > args.micro_tokens:
+            out.append(torch.tensor(current))
+            current, longest = [], 0
+        current.append(r)
+        longest = max(longest, n)
+    return out + ([torch.tensor(current)] if current else [])
+
+
+def update_policy(model, optimizer, params, roll, args, world, device, with_kl=False):
+    """Step 4: PPO-style updates over the rollout batch, one optimizer step a mini-batch.
+
+    The rollout's groups are split into rollout_batch / mini_batch mini-batches; each
+    mini-batch's loss is the token mean over ALL its valid tokens on every rank (the
+    count is all-reduced first), its gradient is summed over micro-batches and ranks,
+    clipped, and applied unless it is not finite.
+    Returns (sums of loss, clip fractions, approx_kl, entropy, kl, grad_norm; number of
+    optimizer steps; number skipped for a non-finite gradient).
+    """
+    model.train()
+    n_rows = 0 if roll is None else len(roll["acc"])
+    group_rows = torch.arange(n_rows).view(-1, args.group_size)         # (groups, G)
+    sums = torch.zeros(8)  # loss, clip up/low/dual, approx_kl, entropy, kl, grad_norm
+    n_updates, skipped = 0, 0
+    for _ in range(args.ppo_epochs):
+        for mini in torch.tensor_split(group_rows, args.rollout_batch // args.mini_batch):
+            rows = mini.flatten()
+            # the token count of the whole global mini-batch: every rank divides by it
+            num_tokens = all_reduce(torch.tensor(float(roll["mask"][rows].sum()) if len(rows) else 0.0), world)
+            if num_tokens.item() == 0:
+                continue
+            num_tokens = num_tokens.to(device)
+            local = torch.zeros(7)
+            for micro in micro_batches(roll, rows, args):
+                prompts, responses, mask, width = micro_inputs(roll, micro, device)
+                with autocast(device):
+                    logp, _ = rollout.score(model, prompts, responses, mask, temperature=args.temperature,
+                                            logp_chunk=args.logp_chunk)
+                loss, m = vgpo.policy_loss(logp, roll["old_logp"][micro, :width].to(device),
+                                           roll["adv"][micro, :width].to(device), mask,
+                                           clip_low=args.clip_low, clip_high=args.clip_high,
+                                           clip_dual=args.clip_dual, num_tokens=num_tokens)
+                kl = torch.zeros((), device=device)
+                if with_kl:
+                    kl_tok = vgpo.kl_penalty(logp, roll["ref_logp"][micro, :width].to(device), args.kl_kind)
+                    kl = (kl_tok * mask).sum() / num_tokens
+                    loss = loss + args.kl_coef * kl
+                loss.backward()
+                local += torch.stack([loss.detach().cpu(), *[m[k].cpu() for k in (
+                    "clipfrac_upper", "clipfrac_lower", "clipfrac_dual", "approx_kl", "entropy")],
+                    kl.detach().cpu()])
+            all_reduce_grads(params, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped += 1                             # a non-finite gradient never reaches the weights
+            optimizer.zero_grad(set_to_none=True)
+            sums[:7] += all_reduce(local, world)
+            sums[7] += grad_norm.float().cpu()
+            n_updates += 1
+    return sums, n_updates, skipped
 
 
 # -----------------------------------------------------------------------------
@@ -604,7 +684,6 @@ def main(argv=None):
 
         # ---- advantages ----
         n_rows = 0 if roll is None else len(roll["acc"])
-        update = {}
         if roll is not None:
             old_logp, focus = score_rollouts(model, roll, args, device)
             if ref_model is not None:
@@ -614,47 +693,9 @@ def main(argv=None):
             roll.update(old_logp=old_logp, adv=adv)
 
         # ---- update ----
-        model.train()
-        n_groups = n_rows // args.group_size
-        group_rows = torch.arange(n_rows).view(n_groups, args.group_size) if n_rows else torch.zeros(0, args.group_size, dtype=torch.long)
-        n_mini = args.rollout_batch // args.mini_batch
-        sums = torch.zeros(8)  # loss, clip up/low/dual, approx_kl, entropy, kl, grad_norm
-        n_updates = 0
-        for _ in range(args.ppo_epochs):
-            for mini in torch.tensor_split(group_rows, n_mini):
-                rows = mini.flatten()
-                # the token count of the whole global mini-batch: every rank divides by it
-                num_tokens = all_reduce(torch.tensor(float(roll["mask"][rows].sum()) if len(rows) else 0.0), world)
-                if num_tokens.item() == 0:
-                    continue
-                num_tokens = num_tokens.to(device)
-                local = torch.zeros(7)
-                for micro in rows.split(args.micro_batch):
-                    prompts, responses, mask, width = micro_inputs(roll, micro, device)
-                    with autocast(device):
-                        logp, _ = rollout.score(model, prompts, responses, mask, temperature=args.temperature)
-                    loss, m = vgpo.policy_loss(logp, roll["old_logp"][micro, :width].to(device),
-                                               roll["adv"][micro, :width].to(device), mask,
-                                               clip_low=args.clip_low, clip_high=args.clip_high,
-                                               clip_dual=args.clip_dual, num_tokens=num_tokens)
-                    kl = torch.zeros((), device=device)
-                    if ref_model is not None:
-                        kl_tok = vgpo.kl_penalty(logp, roll["ref_logp"][micro, :width].to(device), args.kl_kind)
-                        kl = (kl_tok * mask).sum() / num_tokens
-                        loss = loss + args.kl_coef * kl
-                    loss.backward()
-                    local += torch.stack([loss.detach().cpu(), *[m[k].cpu() for k in ("clipfrac_upper", "clipfrac_lower",
-                                          "clipfrac_dual", "approx_kl", "entropy")], kl.detach().cpu()])
-                all_reduce_grads(params, world)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                if torch.isfinite(grad_norm):
-                    optimizer.step()
-                else:
-                    skipped_steps += 1                   # a non-finite gradient never reaches the weights
-                optimizer.zero_grad(set_to_none=True)
-                sums[:7] += all_reduce(local, world)
-                sums[7] += grad_norm.float().cpu()
-                n_updates += 1
+        sums, n_updates, skipped = update_policy(model, optimizer, params, roll, args, world, device,
+                                                 with_kl=ref_model is not None)
+        skipped_steps += skipped
 
         # ---- log & checkpoint ----
         c = all_reduce(torch.tensor([counters[k] for k in ("bad_rows", "long_prompts", "sampled_groups",
