@@ -3,18 +3,33 @@ Benchmarks, printed side by side as ratios in one run. Not a test: nothing here 
 
     python bench.py                 # everything, on this machine's CPU (or GPU if present)
 
+Sections 1-2 (the math, in this process):
 1. vgpo_advantages (vectorised) vs the naive per-token loop of test_vgpo.py, on
    64 responses x 1024 tokens in groups of 8, the loop run twice: on Python floats
    (its fastest form) and on torch scalars (the same code indexing tensors element by
    element, as a first PyTorch draft would; ~15 s).
 2. visual_focus (one batched matmul) vs a per-token cosine_similarity loop at the 7B
    hidden size D = 3584.
+Sections 3-5 (each case in a fresh child process, so its peak memory is its own):
+3. one VGPO training step vs one plain GRPO step (score with focus + vgpo_advantages +
+   update, vs score + grpo_advantages + update) on the same fixed rollout of 128
+   responses, for the tiny model and a mid-size random model: time and peak memory.
+4. the log-prob pass (forward + backward of lm_head + log-softmax over a 152k vocabulary)
+   in 256-position checkpointed chunks vs one full-logits block: peak memory.
+5. rollout throughput: generated tokens per second of HF generate.
+Peak memory is the process's peak resident set (CPU) or peak allocated memory (GPU).
 Record the figures in BENCHMARKS.md with the machine and the command.
 """
 
 import argparse
+import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -29,8 +44,97 @@ parser.add_argument("--group_size", type=int, default=8, help="G responses per p
 parser.add_argument("--hidden", type=int, default=3584, help="D for the visual_focus benchmark (7B: 3584)")
 parser.add_argument("--focus_tokens", type=int, default=512, help="T for the visual_focus benchmark")
 parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each vectorised call (median reported)")
+parser.add_argument("--skip_children", action="store_true", help="only sections 1-2 (the math)")
+parser.add_argument("--child", default=None, help=argparse.SUPPRESS)   # internal: run one case
 args = parser.parse_args()
 torch.manual_seed(0)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def peak_memory():
+    """Peak bytes so far: allocated on the GPU, else this process's resident set."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---- child cases (sections 3-5): run with --child NAME, print one JSON line ----
+
+MODELS = {"tiny": dict(hidden=128, layers=2, vision_hidden=64, vision_depth=2),
+          "mid": dict(hidden=1024, layers=8, vision_hidden=256, vision_depth=4)}
+
+
+def child_step(size, use_vgpo):
+    """Time one training step (score, advantages, update) on a fixed rollout."""
+    import rollout
+    import tiny
+    import train
+
+    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), f"vgpo-bench-{size}"), seed=0, **MODELS[size])
+    targs = train.parse_args(["--rollout_batch", "16", "--group_size", "8", "--mini_batch", "16",
+                              "--micro_batch", "32", "--lr", "1e-5"] + ([] if use_vgpo else ["--no_vgpo"]))
+    model, processor, _ = train.load_model(path, targs, DEVICE)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=targs.lr)
+    examples = [tiny.counting_example(1, i) for i in range(16)]
+    batch, ipr = rollout.encode_prompts(processor, examples, "")
+    rows = torch.arange(16).repeat_interleave(8)
+    prompts, row_ipr = rollout.take_rows(batch, ipr, rows)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with train.autocast(DEVICE):
+        responses, mask, _ = rollout.generate(model, processor, train.to_device(prompts, DEVICE),
+                                              max_new_tokens=64)
+    gen_time = time.perf_counter() - t0
+    roll = dict(prompts=prompts, ipr=row_ipr, responses=responses.cpu(), mask=mask.cpu(),
+                acc=torch.randint(0, 2, (128,), generator=torch.Generator().manual_seed(0)).float(),
+                group_ids=rows)
+    switches = dict(intra=targs.intra, inter=targs.inter, compensation=targs.compensation, gate=targs.gate)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        old_logp, focus = train.score_rollouts(model, roll, targs, DEVICE, focus=use_vgpo)
+        if use_vgpo:
+            adv, _ = vgpo.vgpo_advantages(roll["acc"], roll["group_ids"], focus, roll["mask"], **switches)
+        else:
+            adv = torch.where(roll["mask"], vgpo.grpo_advantages(roll["acc"], roll["group_ids"]).unsqueeze(1), 0.0)
+        roll.update(old_logp=old_logp, adv=adv)
+        train.update_policy(model, optimizer, params, roll, targs, 1, DEVICE)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return dict(time=statistics.median(times), peak=peak_memory(),
+                tokens_per_s=float(mask.sum()) / gen_time,
+                params=sum(p.numel() for p in model.parameters()))
+
+
+def child_logp(chunk):
+    """Forward + backward of the response log-probs, 4 x 1024 tokens, 152k vocabulary."""
+    import rollout
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(512, 152064, bias=False, device=DEVICE)
+    hidden = torch.randn(4, 1024, 512, device=DEVICE, requires_grad=True)
+    tokens = torch.randint(0, 152064, (4, 1024), device=DEVICE)
+    before = peak_memory()
+    logp = rollout.response_logprobs(lm_head, hidden, tokens, chunk=chunk)
+    logp.sum().backward()
+    return dict(peak=peak_memory(), extra=peak_memory() - before)
+
+
+if args.child:
+    kind, *rest = args.child.split(":")
+    result = child_step(rest[0], rest[1] == "vgpo") if kind == "step" else child_logp(int(rest[0]))
+    print(json.dumps(result))
+    sys.exit(0)
+
+
+def run_child(name):
+    out = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True,
+                         env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+    if out.returncode != 0:
+        raise SystemExit(f"bench case {name} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def timed(fn, repeats):
@@ -75,10 +179,39 @@ fast = timed(lambda: vgpo.visual_focus(resp, prompt, image_mask), args.repeats)
 slow = timed(lambda: naive_visual_focus(resp, prompt, image_mask), 1)
 rows.append((f"visual_focus {Nf}x{Tf}, D={D}, cosine loop", fast, slow))
 
-# ---- report ----
+# ---- report: the math ----
 print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
       f"torch {torch.__version__}")
 print(f"| {'benchmark':<48} | {'vectorised':>11} | {'naive loop':>11} | {'speed-up':>9} |")
 print(f"|{'-' * 50}|{'-' * 13}|{'-' * 13}|{'-' * 11}|")
 for what, fast, slow in rows:
     print(f"| {what:<48} | {fast * 1e3:>8.2f} ms | {slow * 1e3:>8.1f} ms | {slow / fast:>8.0f}x |")
+
+if args.skip_children:
+    sys.exit(0)
+
+# ---- 3. VGPO vs GRPO training step; 5. rollout throughput ----
+print()
+print(f"| {'training step (128 responses x 64 tokens)':<44} | {'GRPO':>10} | {'VGPO':>10} | {'VGPO/GRPO':>9} |")
+print(f"|{'-' * 46}|{'-' * 12}|{'-' * 12}|{'-' * 11}|")
+rollout_rows = []
+for size in ("tiny", "mid"):
+    grpo, vg = run_child(f"step:{size}:grpo"), run_child(f"step:{size}:vgpo")
+    label = f"{size} ({vg['params'] / 1e6:.1f}M params)"
+    print(f"| {label + ', time':<44} | {grpo['time']:>8.2f} s | {vg['time']:>8.2f} s | {vg['time'] / grpo['time']:>9.3f} |")
+    print(f"| {label + ', peak memory':<44} | {grpo['peak'] / 2**20:>7.0f} MB | {vg['peak'] / 2**20:>7.0f} MB | "
+          f"{vg['peak'] / grpo['peak']:>9.3f} |")
+    rollout_rows.append((label, grpo["tokens_per_s"]))
+
+# ---- 4. chunked vs full log-prob pass ----
+full, chunked = run_child("logp:0"), run_child("logp:256")
+print()
+print(f"| {'log-prob pass, 4 x 1024 tokens, V=152064':<44} | {'full':>10} | {'chunk 256':>10} | {'ratio':>9} |")
+print(f"|{'-' * 46}|{'-' * 12}|{'-' * 12}|{'-' * 11}|")
+print(f"| {'memory added by forward + backward':<44} | {full['extra'] / 2**20:>7.0f} MB | "
+      f"{chunked['extra'] / 2**20:>7.0f} MB | {chunked['extra'] / full['extra']:>9.3f} |")
+
+# ---- 5. rollout throughput ----
+print()
+for label, tps in rollout_rows:
+    print(f"rollout: {label}: {tps:,.0f} generated tokens/s (HF generate, 128 sequences, {DEVICE.type})")

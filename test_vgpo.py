@@ -378,6 +378,8 @@ def test_visual_focus_equals_a_per_token_cosine_loop(chunk):
     resp, prompt, image_mask, _, _ = _hidden(torch.float32)
     torch.testing.assert_close(vgpo.visual_focus(resp, prompt, image_mask, chunk=chunk),
                                naive_visual_focus(resp, prompt, image_mask))
+    v = prompt.masked_fill(~image_mask.unsqueeze(-1), 0).sum(1) / image_mask.sum(1, keepdim=True)
+    torch.testing.assert_close(vgpo.visual_prototype(prompt, image_mask, chunk=chunk), v)
 
 
 def test_visual_focus_on_bf16_inputs_is_within_1e2_of_float32():

@@ -116,14 +116,16 @@ def grpo_advantages(rewards, group_ids, eps=1e-6):
 # -----------------------------------------------------------------------------
 # Step 1: visual focus score (no external supervision)
 
-def visual_prototype(prompt_hidden, image_mask):
+def visual_prototype(prompt_hidden, image_mask, chunk=512):
     """v_i: mean last-layer state over the image placeholder positions of the prompt.
 
     prompt_hidden (N, P, D) any float dtype, image_mask (N, P) bool -> (N, D) float32.
     A prompt with no image gets the zero vector (its cosine scores are then 0).
+    Summed in float32, `chunk` prompt positions at a time (no float32 copy of all P).
     """
-    mask = image_mask.to(torch.float32).unsqueeze(1)                     # (N, 1, P)
-    total = torch.bmm(mask, prompt_hidden.float()).squeeze(1)            # (N, D)
+    total = 0
+    for h, m in zip(prompt_hidden.split(chunk, dim=1), image_mask.split(chunk, dim=1)):
+        total = total + torch.bmm(m.to(torch.float32).unsqueeze(1), h.float()).squeeze(1)  # (N, D)
     count = image_mask.sum(dim=1, keepdim=True).clamp(min=1)             # (N, 1)
     return total / count
 
