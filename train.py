@@ -698,12 +698,13 @@ def main(argv=None):
         skipped_steps += skipped
 
         # ---- log & checkpoint ----
+        counters["kept_groups"] = n_rows // args.group_size
         c = all_reduce(torch.tensor([counters[k] for k in ("bad_rows", "long_prompts", "sampled_groups",
-                                     "zero_std_groups", "acc_sum", "len_sum", "truncated", "responses")],
-                                    dtype=torch.float64), world)
+                                     "zero_std_groups", "acc_sum", "len_sum", "truncated", "responses",
+                                     "kept_groups")], dtype=torch.float64), world)
         row = dict(step=step + 1, reward=float(c[4] / c[7].clamp(min=1)), acc=float(c[4] / c[7].clamp(min=1)),
                    response_len=float(c[5] / c[7].clamp(min=1)), truncated=float(c[6] / c[7].clamp(min=1)),
-                   sampled_groups=int(c[2]), zero_std_groups=int(c[3]), tries=counters["tries"],
+                   sampled_groups=int(c[2]), kept_groups=int(c[8]), zero_std_groups=int(c[3]), tries=counters["tries"],
                    bad_rows=int(c[0]), long_prompts=int(c[1]), updates=n_updates, skipped_updates=skipped_steps)
         if n_updates:
             avg = (sums / n_updates).tolist()
@@ -716,7 +717,7 @@ def main(argv=None):
         row["time"] = time.time() - t0
         if master:
             bar.write(f"step {row['step']:4d} | acc {row['acc']:.3f} | len {row['response_len']:.1f} | "
-                      f"groups kept {n_rows // args.group_size * world}/{row['sampled_groups']} | "
+                      f"groups kept {row['kept_groups']}/{row['sampled_groups']} | "
                       f"loss {row.get('loss', float('nan')):+.4f} | "
                       + (f"val_acc {row['val_acc']:.3f} | " if "val_acc" in row else "") + f"{row['time']:.1f}s")
         save_now = (step + 1) % args.save_every == 0 or step + 1 == max_steps
