@@ -232,7 +232,7 @@ def run_benchmark(model, processor, samples, root, args, instruction, bare, max_
             rec = {"id": smp["id"], "question": smp["question"], "gold": smp["answer"], "image_ok": True,
                    "response": "", "answer": None, "correct": False}
             try:
-                images = [rollout._open_image(v, root) for v in smp["images"]]
+                images = [rollout.open_image(v, root) for v in smp["images"]]
                 if ablation:
                     images = [ablate(im, ablation, smp["id"] * 31 + j) for j, im in enumerate(images)]
             except Exception as e:
@@ -424,7 +424,7 @@ def markdown_table(table, args):
             n = sum(g["n"] for g in groups) or 1
             early = sum(g["early"] * g["n"] for g in groups) / n
             late = sum(g["late"] * g["n"] for g in groups) / n
-            ratio = lambda k: f"{s[k]['late_over_early']:.2f}" if k in s and s[k]["late_over_early"] == s[k]["late_over_early"] else "-"
+            ratio = lambda k: "-" if k not in s or math.isnan(s[k]["late_over_early"]) else f"{s[k]['late_over_early']:.2f}"
             row += [f"{early:.3f}", f"{late:.3f}", ratio("focus_correct"), ratio("focus_wrong")]
         row += [f"{paper[2]:.1f}" if paper[2] else "-", f"{paper[3]:.1f}" if paper[3] else "-"]
         lines.append("| " + " | ".join(row) + " |")

@@ -75,7 +75,7 @@ def load_table(source, split, keys):
     return table
 
 
-def _open_image(value, base_dir):
+def open_image(value, base_dir):
     """A path (relative to the data file), {"bytes", "path"}, raw bytes or a PIL image."""
     if isinstance(value, Image.Image):
         return value.convert("RGB")
@@ -126,7 +126,7 @@ class Rows:
         opened = []
         for k, value in enumerate(images):
             try:
-                opened.append(_open_image(value, self.base_dir))
+                opened.append(open_image(value, self.base_dir))
             except Exception as e:
                 raise BadRowError(f"{where}: image {k} cannot be opened ({e}); fix the file "
                                   f"or pass --skip_bad_rows to skip and count such rows") from None
@@ -165,12 +165,6 @@ def encode_prompts(processor, examples, instruction):
                       return_tensors="pt")
     batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     return batch, torch.tensor([len(ex["images"]) for ex in examples])
-
-
-def prompt_lengths(processor, examples, instruction):
-    """Token length of each example's prompt (images expanded), without padding."""
-    batch, _ = encode_prompts(processor, examples, instruction)
-    return batch["attention_mask"].sum(dim=1)
 
 
 def _ranges(starts, lengths):

@@ -369,12 +369,17 @@ def collect_rollouts(model, processor, data, stream, args, rank, world, device, 
         if n_kept >= share:
             continue                                    # full: keep stepping with the others
         examples = fetch_examples(data, indices, args, counters, first_group)
-        lengths = rollout.prompt_lengths(processor, examples, args.instruction) if examples else []
-        counters["long_prompts"] += sum(int(L > args.max_prompt_len) for L in lengths)
-        examples = [ex for ex, L in zip(examples, lengths) if L <= args.max_prompt_len]
         if not examples:
             continue
+        # process once, then drop over-long prompts from the batch (never cut them)
         batch, ipr = rollout.encode_prompts(processor, examples, args.instruction)
+        fits = batch["attention_mask"].sum(dim=1) <= args.max_prompt_len
+        counters["long_prompts"] += int((~fits).sum())
+        if not fits.any():
+            continue
+        if not fits.all():
+            batch, ipr = rollout.take_rows(batch, ipr, fits.nonzero().flatten())
+            examples = [ex for ex, ok in zip(examples, fits.tolist()) if ok]
         rows = torch.arange(len(examples)).repeat_interleave(args.group_size)       # n samples per prompt
         responses, masks, truncs = [], [], []
         model.eval()
@@ -560,7 +565,7 @@ def latest_checkpoint(out_dir):
     return path if os.path.isdir(path) else None
 
 
-def save_checkpoint(model, processor, optimizer, step, stream, args, counters_total):
+def save_checkpoint(model, processor, optimizer, step, stream, args, last_metrics):
     """Write checkpoints/step_XXXXXX atomically (temp dir, then rename), then point
     `latest` at it (temp file, then replace): a crash leaves the previous one intact."""
     root = checkpoint_dir(args.out_dir)
@@ -570,8 +575,9 @@ def save_checkpoint(model, processor, optimizer, step, stream, args, counters_to
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "data_position": stream.position,
+                # for inspection: exact resume comes from re-seeding every step by (seed, rank, step)
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                "counters": counters_total}, os.path.join(tmp, "training_state.pt"))
+                "last_metrics": last_metrics}, os.path.join(tmp, "training_state.pt"))
     with open(os.path.join(tmp, "vgpo_config.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
     if os.path.exists(final):
