@@ -17,6 +17,9 @@ Sections 3-5 (each case in a fresh child process, so its peak memory is its own)
 4. the log-prob pass (forward + backward of lm_head + log-softmax over a 152k vocabulary)
    in 256-position checkpointed chunks vs one full-logits block: peak memory.
 5. rollout throughput: generated tokens per second of HF generate.
+6. the same rollout under --fsdp (FSDP2 units with their weights gathered, as train.py
+   samples) vs the plain model, in a one-rank process group: the cost of FSDP's hooks
+   on every decoding step.
 Peak memory is the process's peak resident set (CPU) or peak allocated memory (GPU).
 Record the figures in BENCHMARKS.md with the machine and the command.
 """
@@ -74,6 +77,7 @@ def child_step(size, use_vgpo):
     targs = train.parse_args(["--rollout_batch", "16", "--group_size", "8", "--mini_batch", "16",
                               "--micro_batch", "32", "--lr", "1e-5"] + ([] if use_vgpo else ["--no_vgpo"]))
     model, processor, _ = train.load_model(path, targs, DEVICE)
+    policy = train.Policy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr)
     examples = [tiny.counting_example(1, i) for i in range(16)]
@@ -93,13 +97,13 @@ def child_step(size, use_vgpo):
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        old_logp, focus = train.score_rollouts(model, roll, targs, DEVICE, focus=use_vgpo)
+        old_logp, focus = train.score_rollouts(policy, roll, targs, DEVICE, focus=use_vgpo)
         if use_vgpo:
             adv, _ = vgpo.vgpo_advantages(roll["acc"], roll["group_ids"], focus, roll["mask"], **switches)
         else:
             adv = torch.where(roll["mask"], vgpo.grpo_advantages(roll["acc"], roll["group_ids"]).unsqueeze(1), 0.0)
         roll.update(old_logp=old_logp, adv=adv)
-        train.update_policy(model, optimizer, params, roll, targs, 1, DEVICE)
+        train.update_policy(policy, optimizer, params, roll, targs, 1, DEVICE)
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -122,9 +126,48 @@ def child_logp(chunk):
     return dict(peak=peak_memory(), extra=peak_memory() - before)
 
 
+def child_fsdp_generate(size):
+    """Tokens/s of the same sampling, plain model vs sharded with full weights gathered."""
+    import torch.distributed as dist
+
+    import rollout
+    import tiny
+    import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29581", RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
+    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), f"vgpo-bench-{size}"), seed=0, **MODELS[size])
+    targs = train.parse_args(["--fsdp"])
+    model, processor, _ = train.load_model(path, targs, DEVICE, move=False)
+    batch, _ = rollout.encode_prompts(processor, [tiny.counting_example(1, i) for i in range(32)], "")
+    batch = train.to_device(batch, DEVICE)
+    policy = train.Policy(model)
+
+    def sample():
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        with train.autocast(DEVICE):
+            responses, mask, _ = policy(rollout.generate, processor, batch, max_new_tokens=64)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return float(mask.sum()) / (time.perf_counter() - t0), responses
+
+    model.to(DEVICE)
+    sample()                                                    # warm-up
+    plain, plain_tokens = sample()
+    model.cpu()
+    train.shard(policy, DEVICE)
+    with train.full_weights(policy):
+        sample()
+        sharded, sharded_tokens = sample()
+    dist.destroy_process_group()
+    return dict(plain=plain, fsdp=sharded, same=bool(torch.equal(plain_tokens, sharded_tokens)))
+
+
 if args.child:
     kind, *rest = args.child.split(":")
-    result = child_step(rest[0], rest[1] == "vgpo") if kind == "step" else child_logp(int(rest[0]))
+    result = (child_step(rest[0], rest[1] == "vgpo") if kind == "step" else
+              child_fsdp_generate(rest[0]) if kind == "fsdpgen" else child_logp(int(rest[0])))
     print(json.dumps(result))
     sys.exit(0)
 
@@ -215,3 +258,13 @@ print(f"| {'memory added by forward + backward':<44} | {full['extra'] / 2**20:>7
 print()
 for label, tps in rollout_rows:
     print(f"rollout: {label}: {tps:,.0f} generated tokens/s (HF generate, 128 sequences, {DEVICE.type})")
+
+# ---- 6. rollout under FSDP (weights gathered) vs the plain model ----
+print()
+print(f"| {'rollout, 32 prompts x 64 new tokens, tokens/s':<44} | {'plain':>10} | {'FSDP2':>10} | {'ratio':>9} |")
+print(f"|{'-' * 46}|{'-' * 12}|{'-' * 12}|{'-' * 11}|")
+for size in ("tiny", "mid"):
+    r = run_child(f"fsdpgen:{size}")
+    # identical on CPU (fp32 both ways); on GPU the gathered weights are bf16, so samples drift
+    label = f"{size}, 1 rank, " + ("same samples" if r["same"] else "samples differ")
+    print(f"| {label:<44} | {r['plain']:>10,.0f} | {r['fsdp']:>10,.0f} | {r['fsdp'] / r['plain']:>9.3f} |")

@@ -251,8 +251,11 @@ def generate(model, processor, batch, *, max_new_tokens, temperature=1.0, top_p=
     eos = eos_ids(model, processor)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 \
         else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    # synced_gpus=False: transformers would keep FSDP ranks generating in lock-step (one
+    # all-reduce per token); train.py gathers the full weights first, so each rank stops
+    # on its own, as it does without FSDP
     out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                         pad_token_id=processor.tokenizer.pad_token_id,
+                         pad_token_id=processor.tokenizer.pad_token_id, synced_gpus=False,
                          suppress_tokens=suppressed_ids(model, processor), **sampling)
     responses = out[:, batch["input_ids"].shape[1]:]
     mask, truncated = response_mask_from_eos(responses, eos)

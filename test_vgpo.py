@@ -433,6 +433,7 @@ def test_bad_input_raises_a_clear_error():
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -561,6 +562,147 @@ def test_two_process_torchrun_keeps_both_ranks_weights_identical(tiny_model_dir,
     rows = read_metrics(out)
     assert sum(r["updates"] for r in rows) > 0
     assert rows[-1]["replica_divergence"] == 0.0
+
+
+# ---- FSDP2 (--fsdp): the same numbers as one process ----
+
+def torchrun(args, timeout=600):
+    """Run `python -m torch.distributed.run --nproc_per_node 2 <args>` in this folder (gloo, CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"] + args
+    result = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def fixed_rollout(processor, groups):
+    """Groups of 8 responses to counting prompts: random tokens, lengths 1-6, mixed rewards.
+
+    The same group id always gives the same rows, whichever process builds it.
+    """
+    if not groups:
+        return None
+    batch, ipr = rollout.encode_prompts(processor, [tiny.counting_example(7, g) for g in groups], "")
+    rows = torch.arange(len(groups)).repeat_interleave(8)
+    responses, mask, acc = [], [], []
+    for g in groups:
+        gen = torch.Generator().manual_seed(100 + g)
+        lengths = torch.randint(1, 7, (8,), generator=gen)
+        responses.append(torch.randint(3, 60, (8, 6), generator=gen))
+        mask.append(torch.arange(6) < lengths.unsqueeze(1))
+        acc.append(((torch.arange(8) + g) % 3 == 0).float())
+    return dict(prompts=rollout.take_rows(batch, ipr, rows)[0], ipr=ipr[rows], responses=torch.cat(responses),
+                mask=torch.cat(mask), acc=torch.cat(acc), group_ids=torch.tensor(groups).repeat_interleave(8))
+
+
+def one_update(model_dir, groups, mini_batches, fsdp, world=1):
+    """One update_policy call on this rank's `groups` of the fixed rollout (4 groups in all).
+
+    Returns (the logged sums, the full weights after the update; under FSDP on rank 0).
+    """
+    args = train.parse_args(["--model", model_dir, "--rollout_batch", "4", "--group_size", "8",
+                             "--mini_batch", str(4 // mini_batches), "--micro_batch", "8"] + ["--fsdp"] * fsdp)
+    device = torch.device("cpu")
+    model, processor, _ = train.load_model(model_dir, args, device, move=not fsdp)
+    policy = train.Policy(model)
+    if fsdp:
+        train.shard(policy, device)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    roll = fixed_rollout(processor, groups)
+    with train.full_weights(policy):                 # gathers: every rank enters it
+        if roll is not None:
+            roll["old_logp"], focus = train.score_rollouts(policy, roll, args, device)
+            roll["adv"], _ = vgpo.vgpo_advantages(roll["acc"], roll["group_ids"], focus, roll["mask"])
+    probe = train.fsdp_probe(processor, tiny.CountingTask(3, 4), args) if fsdp else None
+    sums, n_updates, _ = train.update_policy(policy, optimizer, params, roll, args, world, device, probe=probe)
+    assert n_updates == mini_batches
+    if not fsdp:
+        return sums, model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sums, {k.removeprefix("model."): v for k, v in weights.items()}
+
+
+# how the 4 groups are split between the 2 ranks: (rank 0, rank 1, mini-batches). With
+# 3 + 1 groups rank 1 runs the zero-loss probe twice; with 4 + 0 it holds no rollout at all.
+FSDP_SPLITS = [([0, 1, 2], [3], 1), ([0, 1, 2, 3], [], 2)]
+
+
+def fsdp_worker(model_dir, out):
+    """A rank of test_fsdp_..._matches_one_process (run under torchrun)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = [one_update(model_dir, split[rank], mini_batches, fsdp=True, world=2)
+               for *split, mini_batches in FSDP_SPLITS]
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_two_process_fsdp_update_matches_one_process(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "fsdp.pt")
+    torchrun(["test_vgpo.py", "fsdp_worker", tiny_model_dir, out])
+    for (sums, weights), (first, second, mini_batches) in zip(torch.load(out), FSDP_SPLITS):
+        want_sums, want_weights = one_update(tiny_model_dir, first + second, mini_batches, fsdp=False)
+        # loss, clip fractions, approx_kl, entropy, kl, grad_norm: all are global over both ranks
+        torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-7)
+        assert sums[0] != 0 and sums[7] > 0
+        assert weights.keys() == want_weights.keys()
+        for k in want_weights:
+            torch.testing.assert_close(weights[k], want_weights[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_an_fsdp_run_resumes_exactly_and_saves_a_plain_checkpoint(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    common = ["train.py", "--fsdp", "--model", tiny_model_dir] + FAST
+    torchrun(common + ["--out_dir", full, "--max_steps", "4"])
+    # a run that stopped after its step-2 checkpoint, then resumed (on every rank)
+    shutil.copytree(full, part)
+    shutil.rmtree(os.path.join(part, "checkpoints", "step_000004"))
+    with open(os.path.join(part, "checkpoints", "latest"), "w") as f:
+        f.write("step_000002")
+    torchrun(common + ["--out_dir", part, "--max_steps", "4", "--resume"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    assert strip(read_metrics(part)) == strip(read_metrics(full))
+    assert sum(r["updates"] for r in read_metrics(full)) > 0
+    ckpt = os.path.join(full, "checkpoints", "step_000004")
+    a, b = load_file(os.path.join(ckpt, "model.safetensors")), \
+        load_file(os.path.join(part, "checkpoints", "step_000004", "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert os.listdir(os.path.join(ckpt, "optimizer"))                         # the sharded optimizer state
+    # the consolidated weights load into a plain transformers model, as trained
+    model = AutoModelForImageTextToText.from_pretrained(ckpt)
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    for k, v in model.state_dict().items():
+        if k in a:
+            assert torch.equal(v, a[k]), k
+    assert any(not torch.equal(a[k], start[k]) for k in start)
+
+
+def test_under_fsdp_a_text_only_prompt_is_refused_by_row_or_counted(tiny_model, tmp_path):
+    model, processor = tiny_model
+    rows = counting_rows(3) + [{"problem": "How many squares?", "answer": "2"}]
+    path = write_virl_rows(str(tmp_path / "d"), rows)
+    data = rollout.Rows(rollout.load_table(path, "train", ("problem", "answer", "images")), path)
+    flags = ["--fsdp", "--train_data", path, "--rollout_batch", "4", "--group_size", "2", "--mini_batch", "4",
+             "--max_tries", "1"]
+    counters = dict(bad_rows=0, long_prompts=0, sampled_groups=0, zero_std_groups=0, acc_sum=0.0,
+                    len_sum=0.0, truncated=0, responses=0, tries=0)
+    collect = lambda args: train.collect_rollouts(train.Policy(model), processor, data, train.PromptStream(4, 0),
+                                                  args, 0, 1, torch.device("cpu"), counters)
+    with pytest.raises(SystemExit, match="row 3 has no image; under --fsdp"):
+        collect(train.parse_args(flags))
+    collect(train.parse_args(flags + ["--skip_bad_rows"]))
+    assert counters["bad_rows"] == 1 and counters["sampled_groups"] == 3
+
+
+def test_fsdp_refuses_to_start_without_torchrun(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="torchrun"):
+        train.main(["--fsdp", "--model", tiny_model_dir, "--out_dir", str(tmp_path / "x")])
 
 
 # ---- bad input: each a clear message naming the file/row and the fix ----
@@ -826,3 +968,7 @@ def test_token_budget_packs_rows_in_order():
     args = train.parse_args(["--micro_tokens", "100"])
     parts = train.micro_batches(roll, torch.arange(4), args)                 # lengths 30, 30, 60, 25
     assert [p.tolist() for p in parts] == [[0, 1], [2], [3]]
+
+
+if __name__ == "__main__":          # the ranks of a torchrun test: python test_vgpo.py <worker> <args...>
+    {"fsdp_worker": fsdp_worker}[sys.argv[1]](*sys.argv[2:])

@@ -4,7 +4,7 @@ Train a vision-language model with VGPO (or plain DAPO/GRPO) on verifiable rewar
     python train.py                                   # tiny Qwen2.5-VL, synthetic task, CPU
     python train.py --no_vgpo                         # the same with plain DAPO (ablation)
     torchrun --nproc_per_node 2 train.py              # 2 processes (gloo on CPU, NCCL on GPU)
-    torchrun --nproc_per_node 8 train.py --preset paper7b     # the paper's 7B recipe, 1 node
+    torchrun --nproc_per_node 8 train.py --preset paper7b     # the paper's 7B recipe, 1 node (FSDP2)
     python train.py --out_dir out --resume            # continue from out/checkpoints/latest
 
 With no arguments it builds a tiny, randomly initialised Qwen2.5-VL and trains it on a
@@ -26,9 +26,15 @@ How one step differs from textbook GRPO, in order:
     and a prompt without images leaves the vision tower without gradient; both are fine
     here, and with the loss divided by the global token count the SUM is exactly the
     gradient of the global token mean.
+ 6. --fsdp (on in the 7B preset): FSDP2 shards weights, gradients and AdamW state over
+    the ranks instead, one unit per decoder layer and vision block; the backward
+    reduce-scatters the same SUM. Rollout, scoring and validation run with the full
+    weights gathered once (see full_weights); ranks with fewer micro-batches run a
+    zero-loss one (see update_policy). Checkpoints stay plain save_pretrained folders.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -57,7 +63,7 @@ PRESETS = {
         max_prompt_len=4096, max_new_tokens=2048, min_pixels=262144, max_pixels=4194304,
         mini_batch=128, micro_batch=4, gen_batch=256, ppo_epochs=1, epochs=2, max_steps=-1,
         lr=1e-6, weight_decay=1e-2, grad_clip=1.0, kl_coef=0.0,
-        beta=0.3, kappa=0.2, gamma=0.5, gradient_checkpointing=True, freeze_vision=False,
+        beta=0.3, kappa=0.2, gamma=0.5, gradient_checkpointing=True, freeze_vision=False, fsdp=True,
         val_every=5, save_every=10, val_size=-1, val_batch=64, val_max_new_tokens=2048,
     ),
 }
@@ -82,6 +88,8 @@ def build_parser():
     g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False, help="recompute activations in backward to save memory (paper: on)")
     g.add_argument("--freeze_vision", action=argparse.BooleanOptionalAction, default=False, help="do not train the vision tower (paper: trained)")
     g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off unless asked for)")
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer and vision block; bf16 compute, fp32 reduce and master weights on GPU; every training prompt needs an image)")
+    g.add_argument("--fsdp_offload", action="store_true", help="with --fsdp: keep the sharded weights, gradients and optimizer state in CPU memory (slower; the optimizer step runs on CPU)")
 
     g = p.add_argument_group("data")
     g.add_argument("--train_data", default="synthetic", help="hub dataset id, local .parquet/.json/.jsonl file or folder, or 'synthetic'")
@@ -157,6 +165,8 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be >= 1")
     if args.group_size < 2:
         parser.error("--group_size must be >= 2: GRPO compares each response with its group")
+    if args.fsdp_offload and not args.fsdp:
+        parser.error("--fsdp_offload needs --fsdp")
     if args.rollout_batch % args.mini_batch:
         parser.error(f"--rollout_batch {args.rollout_batch} is not a multiple of --mini_batch {args.mini_batch}")
     return args
@@ -165,7 +175,7 @@ def parse_args(argv=None):
 # settings that define a run: resuming with any of these changed is refused
 RUN_IDENTITY = ("model", "train_data", "train_split", "seed", "group_size", "rollout_batch", "mini_batch",
                 "instruction", "intra", "inter", "compensation", "gate", "beta", "kappa", "gamma",
-                "schedule", "comp_start", "exponent", "step_at", "lr", "weight_decay", "kl_coef")
+                "schedule", "comp_start", "exponent", "step_at", "lr", "weight_decay", "kl_coef", "fsdp")
 
 
 # -----------------------------------------------------------------------------
@@ -184,10 +194,10 @@ def setup_distributed():
     return rank, local_rank, world, torch.device("cpu")
 
 
-def all_reduce(x, world):
-    """Sum a tensor over ranks (no-op in a world of one)."""
+def all_reduce(x, world, op=dist.ReduceOp.SUM):
+    """Sum (or max, ...) a tensor over ranks (no-op in a world of one)."""
     if world > 1:
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=op)
     return x
 
 
@@ -228,6 +238,85 @@ def replica_divergence(params, world):
     return float((hi + lo).max())
 
 
+# -----------------------------------------------------------------------------
+# FSDP2 (--fsdp): weights, gradients and optimizer state sharded over the ranks
+
+class Policy(torch.nn.Module):
+    """The model behind one forward: policy(fn, *args) runs fn(model, *args).
+
+    FSDP2 does its bookkeeping in the hooks of a module's forward: the root unit (the
+    embeddings, lm_head, final norm and the vision patch embedding and merger: every
+    weight outside the decoder layers and vision blocks) is gathered there, and the
+    gradient reduction of a backward is finished by a callback the root forward installs.
+    generate() and rollout.score() call the model's parts in their own ways, so every use
+    of the model goes through this forward. Without --fsdp it is a plain pass-through.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def shard(policy, device, offload=False):
+    """fully_shard every decoder layer and vision block, then the rest as the root unit.
+
+    On GPU the gathered weights are bf16 (compute) while the shards, the optimizer and the
+    gradient reduction stay fp32. Gradients are SUMMED over ranks, as in the
+    data-parallel path: the loss is already divided by the global token count.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    options = dict(mp_policy=mixed, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+    block_names = set(getattr(policy.model, "_no_split_modules", None) or ())
+    blocks = [m for m in policy.model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise SystemExit(f"--fsdp: {type(policy.model).__name__} names no decoder layer / vision block "
+                         f"classes (_no_split_modules); run without --fsdp")
+    for block in blocks:
+        fully_shard(block, **options)
+    fully_shard(policy, **options)
+    for unit in fsdp_units(policy):
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+    return len(blocks)
+
+
+def fsdp_units(module):
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def full_weights(policy):
+    """Under FSDP: gather every unit's full weights for the block, free them after.
+
+    Used around rollout, scoring and validation. generate() runs a different number of
+    forwards on each rank (each stops when its own responses have ended), so gathering
+    layer by layer inside it would leave ranks waiting on each other forever; gathered up
+    front, its forwards need no communication. Costs one full (bf16 on GPU) copy of the
+    weights per rank while it lasts, the same as a plain data-parallel replica.
+    """
+    units = fsdp_units(policy)
+    if not units:
+        yield
+        return
+    policy.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        policy.set_reshard_after_forward(True)
+        policy.set_reshard_after_forward(False, recurse=False)  # FSDP's default for the root
+
+
 def pick_attention(requested, device):
     if requested != "auto":
         return requested
@@ -240,11 +329,13 @@ def pick_attention(requested, device):
     return "sdpa"
 
 
-def load_model(path, args, device):
-    """AutoModelForImageTextToText + AutoProcessor from a hub id or a local folder."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def load_model(path, args, device, move=True):
+    """AutoModelForImageTextToText + AutoProcessor from a hub id or a local folder.
 
-    from transformers import AutoConfig
+    The model comes on `device`; with move=False (--fsdp) it stays in CPU memory and
+    fully_shard moves each rank's shards to the device (no full copy on any GPU).
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
@@ -257,7 +348,9 @@ def load_model(path, args, device):
     attn = pick_attention(args.attn, device)
     # float32 master weights; on GPU the forward runs under bf16 autocast
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=attn,
-                                                        trust_remote_code=args.trust_remote_code).to(device)
+                                                        trust_remote_code=args.trust_remote_code)
+    if move:
+        model.to(device)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     if args.min_pixels or args.max_pixels:
         size = dict(processor.image_processor.size)
@@ -347,12 +440,12 @@ def fetch_examples(data, indices, args, counters, first_group=0):
                 raise
             counters["bad_rows"] += 1
             continue
-        ex["group"] = first_group + k
+        ex["group"], ex["row"] = first_group + k, i
         examples.append(ex)
     return examples
 
 
-def collect_rollouts(model, processor, data, stream, args, rank, world, device, counters):
+def collect_rollouts(policy, processor, data, stream, args, rank, world, device, counters):
     """DAPO dynamic sampling on this rank: sample groups until this rank holds its share
     of informative groups (or --max_tries rounds have run). Every rank runs the same
     number of rounds and draws from the shared stream, so no prompt is used twice.
@@ -375,6 +468,16 @@ def collect_rollouts(model, processor, data, stream, args, rank, world, device, 
         batch, ipr = rollout.encode_prompts(processor, examples, args.instruction)
         fits = batch["attention_mask"].sum(dim=1) <= args.max_prompt_len
         counters["long_prompts"] += int((~fits).sum())
+        if args.fsdp and (ipr == 0).any():
+            # every rank must run the sharded vision tower in every update forward
+            row = examples[int((ipr == 0).nonzero()[0])]["row"]
+            if not args.skip_bad_rows:
+                raise SystemExit(f"{args.train_data}: row {row} has no image; under --fsdp every training "
+                                 f"prompt needs one (the vision blocks are sharded, and every rank must run "
+                                 f"them in each forward). Drop text-only rows, pass --skip_bad_rows to skip "
+                                 f"and count them, or train without --fsdp.")
+            counters["bad_rows"] += int(((ipr == 0) & fits).sum())
+            fits &= ipr > 0
         if not fits.any():
             continue
         if not fits.all():
@@ -382,13 +485,13 @@ def collect_rollouts(model, processor, data, stream, args, rank, world, device, 
             examples = [ex for ex, ok in zip(examples, fits.tolist()) if ok]
         rows = torch.arange(len(examples)).repeat_interleave(args.group_size)       # n samples per prompt
         responses, masks, truncs = [], [], []
-        model.eval()
+        policy.eval()
         for chunk in rows.split(args.gen_batch):
             gen_batch, _ = rollout.take_rows(batch, ipr, chunk)
             with autocast(device):
-                r, m, t = rollout.generate(model, processor, to_device(gen_batch, device),
-                                           max_new_tokens=args.max_new_tokens,
-                                           temperature=args.temperature, top_p=args.top_p)
+                r, m, t = policy(rollout.generate, processor, to_device(gen_batch, device),
+                                 max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p)
             responses.append(r.cpu()), masks.append(m.cpu()), truncs.append(t.cpu())
         pad_id = processor.tokenizer.pad_token_id
         responses, masks, truncated = pad_right(responses, pad_id), pad_right(masks, False), torch.cat(truncs)
@@ -430,16 +533,16 @@ def micro_inputs(roll, rows, device):
 
 
 @torch.no_grad()
-def score_rollouts(model, roll, args, device, focus=True):
+def score_rollouts(policy, roll, args, device, focus=True):
     """The no-grad forward of step 2: old log-probs and visual focus for every row."""
-    model.eval()
+    policy.eval()
     logp = torch.zeros(roll["mask"].shape)
     s = torch.zeros(roll["mask"].shape)
     for rows in micro_batches(roll, torch.arange(len(roll["acc"])), args):
         prompts, responses, mask, width = micro_inputs(roll, rows, device)
         with autocast(device):
-            lp, f = rollout.score(model, prompts, responses, mask, temperature=args.temperature, focus=focus,
-                                  logp_chunk=args.logp_chunk)
+            lp, f = policy(rollout.score, prompts, responses, mask, temperature=args.temperature, focus=focus,
+                           logp_chunk=args.logp_chunk)
         logp[rows, :width] = lp.float().cpu()
         if focus:
             s[rows, :width] = f.cpu()
@@ -470,17 +573,20 @@ def micro_batches(roll, rows, args):
     return out + ([torch.tensor(current)] if current else [])
 
 
-def update_policy(model, optimizer, params, roll, args, world, device, with_kl=False):
+def update_policy(policy, optimizer, params, roll, args, world, device, with_kl=False, probe=None):
     """Step 4: PPO-style updates over the rollout batch, one optimizer step a mini-batch.
 
     The rollout's groups are split into rollout_batch / mini_batch mini-batches; each
     mini-batch's loss is the token mean over ALL its valid tokens on every rank (the
     count is all-reduced first), its gradient is summed over micro-batches and ranks,
     clipped, and applied unless it is not finite.
+    Under FSDP every forward gathers weights and every backward reduces gradients, so all
+    ranks must run as many of each: a rank with fewer micro-batches than the others runs
+    `probe` (a one-row rollout) with its loss times 0 to make up the difference.
     Returns (sums of loss, clip fractions, approx_kl, entropy, kl, grad_norm; number of
     optimizer steps; number skipped for a non-finite gradient).
     """
-    model.train()
+    policy.train()
     n_rows = 0 if roll is None else len(roll["acc"])
     group_rows = torch.arange(n_rows).view(-1, args.group_size)         # (groups, G)
     sums = torch.zeros(8)  # loss, clip up/low/dual, approx_kl, entropy, kl, grad_norm
@@ -493,12 +599,17 @@ def update_policy(model, optimizer, params, roll, args, world, device, with_kl=F
             if num_tokens.item() == 0:
                 continue
             num_tokens = num_tokens.to(device)
+            micros = micro_batches(roll, rows, args) if len(rows) else []
+            padding = 0
+            if probe is not None:
+                most = all_reduce(torch.tensor(len(micros)), world, op=dist.ReduceOp.MAX)
+                padding = int(most) - len(micros)
             local = torch.zeros(7)
-            for micro in micro_batches(roll, rows, args):
+            for micro in micros:
                 prompts, responses, mask, width = micro_inputs(roll, micro, device)
                 with autocast(device):
-                    logp, _ = rollout.score(model, prompts, responses, mask, temperature=args.temperature,
-                                            logp_chunk=args.logp_chunk)
+                    logp, _ = policy(rollout.score, prompts, responses, mask, temperature=args.temperature,
+                                     logp_chunk=args.logp_chunk)
                 loss, m = vgpo.policy_loss(logp, roll["old_logp"][micro, :width].to(device),
                                            roll["adv"][micro, :width].to(device), mask,
                                            clip_low=args.clip_low, clip_high=args.clip_high,
@@ -512,8 +623,16 @@ def update_policy(model, optimizer, params, roll, args, world, device, with_kl=F
                 local += torch.stack([loss.detach().cpu(), *[m[k].cpu() for k in (
                     "clipfrac_upper", "clipfrac_lower", "clipfrac_dual", "approx_kl", "entropy")],
                     kl.detach().cpu()])
-            all_reduce_grads(params, world)
+            for _ in range(padding):
+                prompts, responses, mask, _ = micro_inputs(probe, torch.arange(1), device)
+                with autocast(device):
+                    logp, _ = policy(rollout.score, prompts, responses, mask, logp_chunk=args.logp_chunk)
+                (logp.sum() * 0).backward()                 # same collectives, no gradient
+            if probe is None:
+                all_reduce_grads(params, world)          # under FSDP the backward has reduced them
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):        # a DTensor under FSDP: the global norm
+                grad_norm = grad_norm.full_tensor()
             if torch.isfinite(grad_norm):
                 optimizer.step()
             else:
@@ -525,13 +644,25 @@ def update_policy(model, optimizer, params, roll, args, world, device, with_kl=F
     return sums, n_updates, skipped
 
 
+def fsdp_probe(processor, data, args):
+    """A one-row rollout (the first validation prompt, one response token) that FSDP ranks
+    with fewer micro-batches run with zero loss (see update_policy). It has an image, so
+    it runs the vision blocks like every training prompt under --fsdp."""
+    batch, ipr = rollout.encode_prompts(processor, [data[0]], args.instruction)
+    if ipr[0] == 0:
+        raise SystemExit(f"--fsdp: the first row of {args.val_data} has no image; under --fsdp every "
+                         f"prompt needs one (see --help of --fsdp)")
+    return dict(prompts=batch, ipr=ipr, responses=torch.tensor([[processor.tokenizer.eos_token_id]]),
+                mask=torch.ones(1, 1, dtype=torch.bool))
+
+
 # -----------------------------------------------------------------------------
 # validation
 
 @torch.no_grad()
-def validate(model, processor, data, args, rank, world, device):
+def validate(policy, processor, data, args, rank, world, device):
     """Greedy accuracy on the validation set, sharded over ranks."""
-    model.eval()
+    policy.eval()
     correct, total = torch.zeros(1), torch.zeros(1)
     mine = list(range(rank, len(data), world))
     batch_size = args.val_batch
@@ -539,8 +670,8 @@ def validate(model, processor, data, args, rank, world, device):
         examples = [data[i] for i in mine[start:start + batch_size]]
         batch, _ = rollout.encode_prompts(processor, examples, args.instruction)
         with autocast(device):
-            responses, mask, _ = rollout.generate(model, processor, to_device(batch, device),
-                                                  max_new_tokens=args.val_max_new_tokens, temperature=0)
+            responses, mask, _ = policy(rollout.generate, processor, to_device(batch, device),
+                                        max_new_tokens=args.val_max_new_tokens, temperature=0)
         texts = processor.batch_decode(torch.where(mask, responses, processor.tokenizer.pad_token_id),
                                        skip_special_tokens=True)
         correct += sum(rollout.accuracy_rewards(texts, [ex["answer"] for ex in examples], args.bare_answers))
@@ -565,32 +696,72 @@ def latest_checkpoint(out_dir):
     return path if os.path.isdir(path) else None
 
 
-def save_checkpoint(model, processor, optimizer, step, stream, args, last_metrics):
+def save_checkpoint(policy, processor, optimizer, step, stream, args, last_metrics, rank, world):
     """Write checkpoints/step_XXXXXX atomically (temp dir, then rename), then point
-    `latest` at it (temp file, then replace): a crash leaves the previous one intact."""
+    `latest` at it (temp file, then replace): a crash leaves the previous one intact.
+
+    Every rank calls this. The folder is a plain save_pretrained checkpoint (transformers
+    and vLLM load it as it is) plus training_state.pt. Under FSDP the full weights are
+    gathered to rank 0 first, and the optimizer state is written sharded, each rank its
+    part, to optimizer/ (torch.distributed.checkpoint; it can be resumed on any number
+    of ranks). All ranks must see the same --out_dir (a shared filesystem on 2+ nodes).
+    """
+    master = rank == 0
     root = checkpoint_dir(args.out_dir)
     name = f"step_{step:06d}"
     tmp, final = os.path.join(root, f".tmp_{name}"), os.path.join(root, name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "data_position": stream.position,
-                # for inspection: exact resume comes from re-seeding every step by (seed, rank, step)
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                "last_metrics": last_metrics}, os.path.join(tmp, "training_state.pt"))
-    with open(os.path.join(tmp, "vgpo_config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    with open(os.path.join(root, "latest.tmp"), "w") as f:
-        f.write(name)
-    os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-    if args.keep_last > 0:
-        old = sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-args.keep_last]
-        for d in old:
-            shutil.rmtree(os.path.join(root, d))
+    weights = None
+    if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        weights = {k.removeprefix("model."): v for k, v in weights.items()}   # on rank 0 only
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.model.save_pretrained(tmp, state_dict=weights)
+        processor.save_pretrained(tmp)
+        state = {"step": step, "data_position": stream.position, "fsdp": args.fsdp,
+                 # for inspection: exact resume comes from re-seeding every step by (seed, rank, step)
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                 "last_metrics": last_metrics}
+        if not args.fsdp:
+            state["optimizer"] = optimizer.state_dict()
+        torch.save(state, os.path.join(tmp, "training_state.pt"))
+        with open(os.path.join(tmp, "vgpo_config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    if args.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        dist.barrier()                                   # tmp exists
+        dcp.save(get_optimizer_state_dict(policy, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
+        dist.barrier()                                   # every shard is written
+    if master:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(name)
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        if args.keep_last > 0:
+            old = sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-args.keep_last]
+            for d in old:
+                shutil.rmtree(os.path.join(root, d))
+    if world > 1:
+        dist.barrier()
     return final
+
+
+def load_optimizer(policy, optimizer, path, args):
+    """The optimizer state of checkpoint `path` (written as save_checkpoint writes it)."""
+    state = torch.load(os.path.join(path, "training_state.pt"), weights_only=True)
+    if args.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+        template = get_optimizer_state_dict(policy, optimizer)   # this rank's shards, to be filled
+        dcp.load(template, checkpoint_id=os.path.join(path, "optimizer"))
+        set_optimizer_state_dict(policy, optimizer, template)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    return state
 
 
 def check_same_run(saved, args, path):
@@ -606,8 +777,14 @@ def check_same_run(saved, args, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.fsdp and "RANK" not in os.environ:
+        raise SystemExit("--fsdp shards over the ranks of torchrun: start with `torchrun --nproc_per_node N "
+                         "train.py --fsdp ...` (N = 1 is allowed, e.g. with --fsdp_offload)")
     rank, local_rank, world, device = setup_distributed()
     master = rank == 0
+    if args.fsdp_offload and device.type != "cuda":
+        raise SystemExit("--fsdp_offload moves the shards from GPU to CPU memory; without a GPU they are "
+                         "in CPU memory already: drop the flag")
     if args.rollout_batch % world:
         raise SystemExit(f"--rollout_batch {args.rollout_batch} is not divisible by {world} ranks")
     torch.manual_seed(args.seed)
@@ -627,18 +804,23 @@ def main(argv=None):
             tiny.build_tiny_model(model_path, seed=args.seed)
         if world > 1:
             dist.barrier()
-    model, processor, attn = load_model(resume_from or model_path, args, device)
+    model, processor, attn = load_model(resume_from or model_path, args, device, move=not args.fsdp)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    ref_model = None
+    policy = Policy(model)
+    ref_policy = None
     if args.kl_coef > 0:
-        ref_model, _, _ = load_model(model_path, args, device)
-        ref_model.requires_grad_(False)
+        ref_model, _, _ = load_model(model_path, args, device, move=not args.fsdp)
+        ref_policy = Policy(ref_model.requires_grad_(False))
+    if args.fsdp:
+        units = shard(policy, device, args.fsdp_offload)
+        if ref_policy is not None:
+            shard(ref_policy, device, args.fsdp_offload)
+    params = [p for p in policy.parameters() if p.requires_grad]      # shards under FSDP
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     train_data = open_data(args.train_data, args.train_split, args, seed_offset=0, size=-1)
     val_data = open_data(args.val_data, args.val_split, args, seed_offset=10_000, size=args.val_size)
@@ -648,9 +830,9 @@ def main(argv=None):
     stream = PromptStream(len(train_data), args.seed)
     start_step = 0
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "training_state.pt"), weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_optimizer(policy, optimizer, resume_from, args)
         start_step, stream.position = state["step"], state["data_position"]
+    probe = fsdp_probe(processor, val_data, args) if args.fsdp else None
 
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if master:
@@ -664,8 +846,10 @@ def main(argv=None):
             with open(metrics_path, "w") as f:
                 f.writelines(lines)
         n_params = sum(p.numel() for p in model.parameters())
+        sharding = (f"FSDP2 over {world} ranks, {units} units + root" + (", CPU offload" if args.fsdp_offload else "")
+                    if args.fsdp else "full copy per rank")
         print(f"model {args.model} ({n_params / 1e6:.2f}M params, attention: {attn}, device: {device}, "
-              f"world: {world}); train {args.train_data} ({len(train_data)} rows), val {args.val_data} "
+              f"world: {world}, weights: {sharding}); train {args.train_data} ({len(train_data)} rows), val {args.val_data} "
               f"({len(val_data)}); VGPO intra={args.intra} inter={args.inter} compensation={args.compensation} "
               f"gate={args.gate}" + (f"; resuming from {resume_from}" if resume_from else ""))
         print("config: " + json.dumps(vars(args)))
@@ -686,21 +870,24 @@ def main(argv=None):
         # ---- rollout ----
         counters = dict(bad_rows=0, long_prompts=0, sampled_groups=0, zero_std_groups=0, acc_sum=0.0,
                         len_sum=0.0, truncated=0, responses=0, tries=0)
-        roll = collect_rollouts(model, processor, train_data, stream, args, rank, world, device, counters)
+        with full_weights(policy):
+            roll = collect_rollouts(policy, processor, train_data, stream, args, rank, world, device, counters)
+            if roll is not None:
+                old_logp, focus = score_rollouts(policy, roll, args, device)
+        if roll is not None and ref_policy is not None:
+            with full_weights(ref_policy):
+                roll["ref_logp"], _ = score_rollouts(ref_policy, roll, args, device, focus=False)
 
         # ---- advantages ----
         n_rows = 0 if roll is None else len(roll["acc"])
         if roll is not None:
-            old_logp, focus = score_rollouts(model, roll, args, device)
-            if ref_model is not None:
-                roll["ref_logp"], _ = score_rollouts(ref_model, roll, args, device, focus=False)
             has_image = (roll["ipr"] > 0)
             adv, stats = vgpo.vgpo_advantages(roll["acc"], roll["group_ids"], focus, roll["mask"], has_image, **switches)
             roll.update(old_logp=old_logp, adv=adv)
 
         # ---- update ----
-        sums, n_updates, skipped = update_policy(model, optimizer, params, roll, args, world, device,
-                                                 with_kl=ref_model is not None)
+        sums, n_updates, skipped = update_policy(policy, optimizer, params, roll, args, world, device,
+                                                 with_kl=ref_policy is not None, probe=probe)
         skipped_steps += skipped
 
         # ---- log & checkpoint ----
@@ -719,7 +906,8 @@ def main(argv=None):
         if roll is not None:
             row.update(vgpo_stats(stats, roll["mask"], focus, world))
         if (args.val_every and (step + 1) % args.val_every == 0) or step + 1 == max_steps:
-            row["val_acc"] = validate(model, processor, val_data, args, rank, world, device)
+            with full_weights(policy):
+                row["val_acc"] = validate(policy, processor, val_data, args, rank, world, device)
         row["time"] = time.time() - t0
         if master:
             bar.write(f"step {row['step']:4d} | acc {row['acc']:.3f} | len {row['response_len']:.1f} | "
@@ -727,23 +915,22 @@ def main(argv=None):
                       f"loss {row.get('loss', float('nan')):+.4f} | "
                       + (f"val_acc {row['val_acc']:.3f} | " if "val_acc" in row else "") + f"{row['time']:.1f}s")
         save_now = (step + 1) % args.save_every == 0 or step + 1 == max_steps
-        if save_now:
+        if save_now and not args.fsdp:                  # under FSDP there is one copy, nothing to compare
             row["replica_divergence"] = replica_divergence(params, world)
             if master and row["replica_divergence"] > 0:
                 bar.write(f"WARNING: ranks disagree on the weights by {row['replica_divergence']:.3g}")
         if master:  # the log line first: a resumed run drops lines after its checkpoint
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if save_now:
-                save_checkpoint(model, processor, optimizer, step + 1, stream, args, row)
-        if save_now and world > 1:
-            dist.barrier()
+        if save_now:
+            save_checkpoint(policy, processor, optimizer, step + 1, stream, args, row, rank, world)
     if master:
         final = latest_checkpoint(args.out_dir)
         val = row.get("val_acc")
         print(f"done: {max_steps} steps, final val_acc {val:.3f}, checkpoint {final}" if val is not None
               else f"done: {max_steps} steps, checkpoint {final}")
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 
