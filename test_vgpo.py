@@ -531,6 +531,7 @@ def test_a_few_training_steps_change_the_weights_and_keep_losses_finite(tiny_mod
     assert sum(r["updates"] for r in rows) > 0
     assert all(math.isfinite(r["loss"]) for r in rows if r["updates"])
     assert "val_acc" in rows[-1] and "psi_mean" in rows[-1] and "focus_late" in rows[-1]
+    assert 0.1 < rows[-1]["peak_mem_gb"] < 24                     # this process's peak, in GB
     before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     after = load_file(os.path.join(out, "checkpoints", "step_000002", "model.safetensors"))
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -544,7 +545,7 @@ def test_a_resumed_run_logs_the_same_metrics_as_an_uninterrupted_one(tiny_model_
     train.main(common + ["--out_dir", full, "--max_steps", "4"])
     train.main(common + ["--out_dir", part, "--max_steps", "2"])
     train.main(common + ["--out_dir", part, "--max_steps", "4", "--resume"])
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "peak_mem_gb")} for r in rows]
     assert strip(read_metrics(part)) == strip(read_metrics(full))
     a = load_file(os.path.join(full, "checkpoints", "step_000004", "model.safetensors"))
     b = load_file(os.path.join(part, "checkpoints", "step_000004", "model.safetensors"))
@@ -666,7 +667,7 @@ def test_an_fsdp_run_resumes_exactly_and_saves_a_plain_checkpoint(tiny_model_dir
     with open(os.path.join(part, "checkpoints", "latest"), "w") as f:
         f.write("step_000002")
     torchrun(common + ["--out_dir", part, "--max_steps", "4", "--resume"])
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "peak_mem_gb")} for r in rows]
     assert strip(read_metrics(part)) == strip(read_metrics(full))
     assert sum(r["updates"] for r in read_metrics(full)) > 0
     ckpt = os.path.join(full, "checkpoints", "step_000004")

@@ -5,6 +5,8 @@ Train a vision-language model with VGPO (or plain DAPO/GRPO) on verifiable rewar
     python train.py --no_vgpo                         # the same with plain DAPO (ablation)
     torchrun --nproc_per_node 2 train.py              # 2 processes (gloo on CPU, NCCL on GPU)
     torchrun --nproc_per_node 8 train.py --preset paper7b     # the paper's 7B recipe, 1 node (FSDP2)
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr node0 --master_port 29500 \
+        train.py --preset paper7b --out_dir /shared/vgpo7b   # 2 nodes; --node_rank 1 on the other
     python train.py --out_dir out --resume            # continue from out/checkpoints/latest
 
 With no arguments it builds a tiny, randomly initialised Qwen2.5-VL and trains it on a
@@ -392,6 +394,14 @@ class PromptStream:
         return out
 
 
+def peak_memory(device):
+    """Peak bytes of this rank so far: allocated on its GPU, else the process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -645,15 +655,20 @@ def update_policy(policy, optimizer, params, roll, args, world, device, with_kl=
 
 
 def fsdp_probe(processor, data, args):
-    """A one-row rollout (the first validation prompt, one response token) that FSDP ranks
-    with fewer micro-batches run with zero loss (see update_policy). It has an image, so
-    it runs the vision blocks like every training prompt under --fsdp."""
-    batch, ipr = rollout.encode_prompts(processor, [data[0]], args.instruction)
-    if ipr[0] == 0:
-        raise SystemExit(f"--fsdp: the first row of {args.val_data} has no image; under --fsdp every "
-                         f"prompt needs one (see --help of --fsdp)")
-    return dict(prompts=batch, ipr=ipr, responses=torch.tensor([[processor.tokenizer.eos_token_id]]),
-                mask=torch.ones(1, 1, dtype=torch.bool))
+    """A one-row rollout (the first training prompt with an image, one response token)
+    that FSDP ranks with fewer micro-batches run with zero loss (see update_policy). Its
+    image makes it run the vision blocks, as every training prompt under --fsdp does."""
+    for index in range(min(len(data), 100)):
+        try:
+            example = data[index]
+        except rollout.BadRowError:
+            continue
+        if example["images"]:
+            batch, ipr = rollout.encode_prompts(processor, [example], args.instruction)
+            return dict(prompts=batch, ipr=ipr, responses=torch.tensor([[processor.tokenizer.eos_token_id]]),
+                        mask=torch.ones(1, 1, dtype=torch.bool))
+    raise SystemExit(f"--fsdp: none of the first 100 rows of {args.train_data} has an image; under --fsdp "
+                     f"every training prompt needs one (see --fsdp in --help)")
 
 
 # -----------------------------------------------------------------------------
@@ -832,7 +847,7 @@ def main(argv=None):
     if resume_from:
         state = load_optimizer(policy, optimizer, resume_from, args)
         start_step, stream.position = state["step"], state["data_position"]
-    probe = fsdp_probe(processor, val_data, args) if args.fsdp else None
+    probe = fsdp_probe(processor, train_data, args) if args.fsdp else None
 
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if master:
@@ -909,11 +924,14 @@ def main(argv=None):
             with full_weights(policy):
                 row["val_acc"] = validate(policy, processor, val_data, args, rank, world, device)
         row["time"] = time.time() - t0
+        peak = all_reduce(torch.tensor([peak_memory(device)]), world, op=dist.ReduceOp.MAX)
+        row["peak_mem_gb"] = float(peak) / 2**30                 # the largest of any rank
         if master:
             bar.write(f"step {row['step']:4d} | acc {row['acc']:.3f} | len {row['response_len']:.1f} | "
                       f"groups kept {row['kept_groups']}/{row['sampled_groups']} | "
                       f"loss {row.get('loss', float('nan')):+.4f} | "
-                      + (f"val_acc {row['val_acc']:.3f} | " if "val_acc" in row else "") + f"{row['time']:.1f}s")
+                      + (f"val_acc {row['val_acc']:.3f} | " if "val_acc" in row else "")
+                      + f"{row['time']:.1f}s | {row['peak_mem_gb']:.2f} GB")
         save_now = (step + 1) % args.save_every == 0 or step + 1 == max_steps
         if save_now and not args.fsdp:                  # under FSDP there is one copy, nothing to compare
             row["replica_divergence"] = replica_divergence(params, world)
