@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import time
 
 import torch
 
+import train
 import vgpo
 from test_vgpo import naive_visual_focus, naive_vgpo_advantages
 
@@ -55,10 +55,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def peak_memory():
-    """Peak bytes so far: allocated on the GPU, else this process's resident set."""
-    if DEVICE.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return train.peak_memory(DEVICE)          # allocated on the GPU, else the process's peak RSS
 
 
 # ---- child cases (sections 3-5): run with --child NAME, print one JSON line ----

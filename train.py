@@ -214,15 +214,16 @@ def all_reduce_grads(params, world, bucket_numel=50_000_000):
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    bucket = []
+    bucket, size = [], 0
     for i, p in enumerate(params):
         bucket.append(p)
-        if sum(q.numel() for q in bucket) >= bucket_numel or i == len(params) - 1:
+        size += p.numel()
+        if size >= bucket_numel or i == len(params) - 1:
             flat = torch.cat([q.grad.flatten() for q in bucket])
             dist.all_reduce(flat)
             for q, g in zip(bucket, flat.split([q.numel() for q in bucket])):
                 q.grad.copy_(g.view_as(q))
-            bucket = []
+            bucket, size = [], 0
 
 
 def replica_divergence(params, world):
@@ -234,10 +235,9 @@ def replica_divergence(params, world):
     if world == 1:
         return 0.0
     sums = torch.stack([p.detach().double().sum() for p in params]).cpu()
-    hi, lo = sums.clone(), -sums
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(lo, op=dist.ReduceOp.MAX)
-    return float((hi + lo).max())
+    hi_lo = torch.stack([sums, -sums])                   # max of -x is -(min of x): one MAX for both
+    dist.all_reduce(hi_lo, op=dist.ReduceOp.MAX)
+    return float((hi_lo[0] + hi_lo[1]).max())
 
 
 # -----------------------------------------------------------------------------
@@ -633,8 +633,9 @@ def update_policy(policy, optimizer, params, roll, args, world, device, with_kl=
                 local += torch.stack([loss.detach().cpu(), *[m[k].cpu() for k in (
                     "clipfrac_upper", "clipfrac_lower", "clipfrac_dual", "approx_kl", "entropy")],
                     kl.detach().cpu()])
-            for _ in range(padding):
+            if padding:
                 prompts, responses, mask, _ = micro_inputs(probe, torch.arange(1), device)
+            for _ in range(padding):
                 with autocast(device):
                     logp, _ = policy(rollout.score, prompts, responses, mask, logp_chunk=args.logp_chunk)
                 (logp.sum() * 0).backward()                 # same collectives, no gradient
