@@ -83,23 +83,23 @@ def child_step(size, use_vgpo):
     prompts, row_ipr = rollout.take_rows(batch, ipr, rows)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    with infra.autocast(DEVICE):
-        responses, mask, _ = rollout.generate(model, processor, infra.to_device(prompts, DEVICE),
+    with rollout.autocast(DEVICE):
+        responses, mask, _ = rollout.generate(model, processor, rollout.to_device(prompts, DEVICE),
                                               max_new_tokens=64)
     gen_time = time.perf_counter() - t0
-    roll = dict(prompts=prompts, ipr=row_ipr, responses=responses.cpu(), mask=mask.cpu(),
-                acc=torch.randint(0, 2, (128,), generator=torch.Generator().manual_seed(0)).float(),
-                group_ids=rows)
+    roll = rollout.Rollout(prompts=prompts, ipr=row_ipr, responses=responses.cpu(), mask=mask.cpu(),
+                           acc=torch.randint(0, 2, (128,), generator=torch.Generator().manual_seed(0)).float(),
+                           group_ids=rows)
     switches = dict(intra=targs.intra, inter=targs.inter, compensation=targs.compensation, gate=targs.gate)
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
         old_logp, focus = train.score_rollouts(policy, roll, targs, DEVICE, focus=use_vgpo)
         if use_vgpo:
-            adv, _ = vgpo.vgpo_advantages(roll["acc"], roll["group_ids"], focus, roll["mask"], **switches)
+            adv, _ = vgpo.vgpo_advantages(roll.acc, roll.group_ids, focus, roll.mask, **switches)
         else:
-            adv = torch.where(roll["mask"], vgpo.grpo_advantages(roll["acc"], roll["group_ids"]).unsqueeze(1), 0.0)
-        roll.update(old_logp=old_logp, adv=adv)
+            adv = torch.where(roll.mask, vgpo.grpo_advantages(roll.acc, roll.group_ids).unsqueeze(1), 0.0)
+        roll.old_logp, roll.adv = old_logp, adv
         train.update_policy(policy, optimizer, params, roll, targs, 1, DEVICE)
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
@@ -137,13 +137,13 @@ def child_fsdp_generate(size):
     targs = train.parse_args(["--fsdp"])
     model, processor, _ = infra.load_model(path, targs, DEVICE, move=False)
     batch, _ = rollout.encode_prompts(processor, [tiny.counting_example(1, i) for i in range(32)], "")
-    batch = infra.to_device(batch, DEVICE)
+    batch = rollout.to_device(batch, DEVICE)
     policy = infra.Policy(model)
 
     def sample():
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        with infra.autocast(DEVICE):
+        with rollout.autocast(DEVICE):
             responses, mask, _ = policy(rollout.generate, processor, batch, max_new_tokens=64)
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()

@@ -34,7 +34,6 @@ from PIL import Image
 
 import infra
 import rollout
-import vgpo
 
 PAPO_EVAL = "PAPO-Galaxy/PAPO_eval"
 # name -> (hub dataset, split, paper 7B VGPO %, paper 7B DAPO %)
@@ -144,6 +143,7 @@ def find_split_file(root, split):
     the hub's data/<split>-00000-of-00001.parquet, PAPO-Eval's data/papo/<name>.json
     (with its own names for some splits), or DIR/<split>.parquet|jsonl|json."""
     for name in [split] + PREPROCESSED_NAMES.get(split, []):
+        # the split's file at the root, one or two folders down, or sharded as <split>-00000-of-N
         for pattern in (f"{name}.*", f"*/{name}.*", f"*/*/{name}.*", f"{name}-*", f"*/{name}-*"):
             hits = sorted(h for h in glob.glob(os.path.join(root, pattern))
                           if h.endswith((".parquet", ".jsonl", ".json")))
@@ -181,15 +181,19 @@ class ImageFinder:
                 for name in archive.namelist():
                     if not name.endswith("/"):
                         key = name.lstrip("./")
+                        # None marks a member two zips share: opening it is refused, never guessed
                         self.members[key] = archive if key not in self.members else None
         return self.members
 
     def open(self, value):
         if not isinstance(value, str) or os.path.isabs(value):
             return rollout.open_image(value, self.root, self.allow_outside)
+        # "./data/images/geo/1.png" -> ["data", "images", "geo", "1.png"]
         parts = [p for p in value.replace("\\", "/").split("/") if p not in ("", ".")]
         if ".." in parts:                                # leads out of the data folder
             return rollout.open_image(value, self.root, self.allow_outside)
+        # the whole path first, then without its leading folders, down to <folder>/<file>:
+        # a bare file name could match an unrelated image of another benchmark
         for k in range(max(1, len(parts) - 1)):
             suffix = "/".join(parts[k:])
             path = os.path.join(self.root, *parts[k:])
@@ -267,6 +271,7 @@ def load_benchmark(name, args):
             if path is None:
                 raise SystemExit(f"benchmark {name}: no file for split {split!r} under {root}; expected "
                                  f"e.g. {os.path.join(root, split + '.parquet')}")
+            # a split file holds one split; load_table reads it under the name "train"
             table = rollout.load_table(path, "train", ("messages", "images"))
             rows = read_rows(table, lambda r: sharegpt_fields(r) + (r["images"],))
             folder = os.path.dirname(os.path.abspath(path))
@@ -290,6 +295,8 @@ def load_benchmark(name, args):
         table = rollout.load_table(name, "train", keys)
         rows = read_rows(table, lambda r: tuple(r[k] for k in keys))
         root = os.path.dirname(os.path.abspath(name))
+    # one sample per row, whatever happens to it: a bad row is kept, marked with its reason,
+    # so that it is counted wrong in the denominator instead of silently leaving it
     samples = []
     for k, (question, answer, images) in enumerate(rows):
         if isinstance(question, rollout.BadRowError) or question is None or not str(question).strip():
@@ -302,6 +309,7 @@ def load_benchmark(name, args):
                              f"the sample out of the file")
         images = images if isinstance(images, (list, tuple)) else [images] if images is not None else []
         question = str(question)
+        # questions without placeholders get them in front, one per image (as the hub rows do)
         if images and "<image>" not in question:
             question = "<image>" * len(images) + question
         sample = {"id": k, "question": question, "answer": str(answer).strip(), "images": images}
@@ -337,37 +345,13 @@ def ablate(image, mode, seed):
     return Image.fromarray(pixels.numpy())
 
 
-def position(T):
-    """Relative position x = t / (T - 1) of each token: 0 first, 1 last (as in Eq. 5)."""
-    return vgpo.relative_position(torch.ones(1, T, dtype=torch.bool))[0].float()
-
-
-def thirds(s):
-    """Mean focus over the early, middle and late third of one response (nan if empty).
-
-    Example: a 2-token response has an early and a late token and no middle one.
-    """
-    x = position(len(s))
-    parts = ((x < 1 / 3), (x >= 1 / 3) & (x < 2 / 3), (x >= 2 / 3))
-    return [float(s[p].mean()) if p.any() else float("nan") for p in parts]
-
-
-def binned(s):
-    """Mean focus in each of BINS relative-position bins (nan where a bin is empty)."""
-    T = len(s)
-    bins = (position(T) * BINS).long().clamp(max=BINS - 1)
-    total = torch.zeros(BINS).index_add_(0, bins, s)
-    count = torch.zeros(BINS).index_add_(0, bins, torch.ones(T))
-    return (total / count).tolist()  # 0/0 = nan for empty bins
-
-
 def prompt_text(question, instruction):
     """The user text sent: the question, plus the instruction unless it already has one."""
     return question if not instruction or rollout.has_instruction(question) else f"{question} {instruction}"
 
 
 @torch.no_grad()
-def run_benchmark(model, processor, samples, finder, args, instruction, bare, max_new_tokens, ablation, rank,
+def run_benchmark(policy, processor, samples, finder, args, instruction, bare, max_new_tokens, ablation, rank,
                   world, device):
     """Greedy answers for this rank's shard of `samples`; returns one record per sample.
 
@@ -401,32 +385,22 @@ def run_benchmark(model, processor, samples, finder, args, instruction, bare, ma
                 rec.update(image_ok=False, error=f"{type(e).__name__}: {e}")
                 records.append(rec)                      # counted wrong, never dropped
                 continue
-            examples.append({"problem": prompt, "images": images})
+            examples.append({"problem": prompt, "images": images, "answer": smp["answer"]})
             pending.append(rec)
         if not examples:
             continue
-        # the instruction is already in each prompt (prompt_text), so none is added here
-        batch, _ = rollout.encode_prompts(processor, examples, "")
-        batch = infra.to_device(batch, device)
-        with infra.autocast(device):
-            # greedy, no repetition penalty, nothing taken from the checkpoint's generation_config:
-            # the paper's protocol (rollout.sampling_settings)
-            responses, mask, _ = rollout.generate(model, processor, batch, max_new_tokens=max_new_tokens,
-                                                  temperature=0)
-            focus = None
-            if args.focus:
-                # the training's visual focus score (Step 1) on each response token: (B, T)
-                _, focus = rollout.score(model, batch, responses, mask, focus=True)
-        # the answer is the last \\boxed{} of the response up to its first EOS
-        texts = processor.batch_decode(torch.where(mask, responses, processor.tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
-        for k, (rec, text) in enumerate(zip(pending, texts)):
-            rec["response"] = text
-            rec["answer"] = rollout.extract_answer(text, bare)
-            rec["correct"] = rollout.grade(rec["answer"], rec["gold"])
+        # the instruction is already in each prompt (prompt_text), so none is added here;
+        # greedy and graded exactly as train.py's validation
+        answers = rollout.answer_greedily(policy, processor, examples, "", max_new_tokens=max_new_tokens,
+                                          bare=bare, device=device, focus=args.focus)
+        for rec, answer in zip(pending, answers):
+            focus = answer.pop("focus", None)                    # (T,): one score per response token
+            rec.update(answer)
             if focus is not None:
-                s = focus[k][mask[k]].float().cpu()
-                rec["focus_thirds"], rec["focus_bins"] = thirds(s), binned(s)
+                # the early / middle / late thirds and the curve, as training's log defines them
+                mask = torch.ones(1, len(focus), dtype=torch.bool)
+                rec["focus_thirds"] = rollout.focus_profile(focus[None], mask)[0].tolist()
+                rec["focus_bins"] = rollout.focus_profile(focus[None], mask, BINS)[0].tolist()
             records.append(rec)
     if world > 1:
         gathered = [None] * world
@@ -469,6 +443,7 @@ def check_failures(name, summary, records):
 
 def summarise(records, with_focus):
     """accuracy over every sample (failed images included), and focus by correctness."""
+    # n counts every sample: failed images and bad rows are wrong answers, never dropped
     n = len(records)
     out = {"n": n, "accuracy": sum(r["correct"] for r in records) / max(n, 1),
            "image_failures": sum(not r["image_ok"] for r in records),
@@ -488,12 +463,14 @@ def summarise(records, with_focus):
 
 def _nanmean(values):
     """Mean over the responses that have this third at all (short ones may not)."""
+    # each response counts once, as in rollout.focus_profile and training's log
     values = [v for v in values if not math.isnan(v)]
     return sum(values) / len(values) if values else float("nan")
 
 
 def mean_curve(records):
     """Mean focus per relative-position bin over all responses that reach the bin."""
+    # bins a response does not reach (a 2-token response has 2 of 20) are nan: skipped
     total, count = [0.0] * BINS, [0] * BINS
     for r in records:
         for b, v in enumerate(r.get("focus_bins", [])):
@@ -511,7 +488,7 @@ def plot_curves(curves, path):
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(6, 4))
-    x = [(b + 0.5) / BINS for b in range(BINS)]
+    x = [(b + 0.5) / BINS for b in range(BINS)]        # the centre of each relative-position bin
     for label, curve in curves.items():
         pts = [(xi, yi) for xi, yi in zip(x, curve) if not math.isnan(yi)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -525,107 +502,11 @@ def plot_curves(curves, path):
     plt.close(fig)
 
 
-# -----------------------------------------------------------------------------
-# main
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.plot:
-        args.focus = True
-    names = args.bench or []
-    if names == ["all"]:
-        names = [n for n in BENCHMARKS if n != "mathvista_testmini"]
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        raise SystemExit(f"unknown benchmark {unknown}; valid: {', '.join(BENCHMARKS)} or all")
-    rank, _, world, device = infra.setup_distributed()
-    master = rank == 0
-    ckpts = [resolve_checkpoint(c) for c in args.ckpt]
-
-    # a model without a validation task of its own (e.g. the base model beside its trained
-    # checkpoint) is scored on the task of the first train.py checkpoint in --ckpt
-    configs = {c: training_config(c) for c in ckpts}
-    fallback = next((cfg for cfg in configs.values() if cfg is not None), None)
-    table, curves = [], {}
-    for ckpt in ckpts:
-        cfg = configs[ckpt] or fallback
-        if not names and not args.data and cfg is None:
-            raise SystemExit(f"{ckpt} is not a train.py checkpoint, so it has no validation task of its "
-                             f"own; pass --bench (or --data)")
-        load_args = SimpleNamespace(attn=args.attn, trust_remote_code=args.trust_remote_code,
-                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        try:
-            model, processor, attn = infra.load_model(ckpt, load_args, device)
-        except ValueError as err:                       # a named, explained failure: no traceback
-            raise SystemExit(str(err)) from None
-        model.eval()
-        instruction = args.instruction if args.instruction is not None else (
-            cfg.instruction if cfg is not None else rollout.INSTRUCTION)
-        jobs = []  # (name, samples, image finder, bare answers, max new tokens)
-        if not names and not args.data:
-            jobs.append(("validation", own_validation(cfg), ImageFinder("."), cfg.bare_answers,
-                         cfg.val_max_new_tokens))
-        for name in names + args.data:
-            samples, root = load_benchmark(name, args)
-            label = name if name in BENCHMARKS else os.path.splitext(os.path.basename(name))[0]
-            split = BENCHMARKS[name][1] if name in BENCHMARKS else None
-            finder = ImageFinder(root, split, args.allow_outside_paths)
-            check_images(label, samples, finder)
-            jobs.append((label, samples, finder, False, args.max_new_tokens))
-        out_dir = args.output_dir or (os.path.join(ckpt, "eval") if os.path.isdir(ckpt)
-                                      else os.path.join("eval", ckpt.replace("/", "__")))
-        if len(ckpts) > 1 and args.output_dir:
-            out_dir = os.path.join(args.output_dir, os.path.basename(os.path.normpath(ckpt)))
-        summary, predictions, all_records = {}, [], []
-        for label, samples, finder, bare, max_new in jobs:
-            if master:
-                print(f"{ckpt}: {label} ({len(samples)} samples, attention {attn}, "
-                      f"{rollout.describe_sampling(0, 1.0)})", file=sys.stderr)
-            records = run_benchmark(model, processor, samples, finder, args, instruction, bare, max_new,
-                                    None, rank, world, device)
-            summary[label] = summarise(records, args.focus)
-            check_failures(label, summary[label], records)
-            # one instruction per prompt: PAPO_eval's questions carry their own
-            own = sum(rollout.has_instruction(s["question"]) for s in samples)
-            summary[label]["instruction"] = (
-                "none" if not instruction and not own else
-                f"the question's own (already in {own} of {len(samples)} questions), nothing appended"
-                if own == len(samples) else
-                f"appended to {len(samples) - own} of {len(samples)} questions: {instruction!r}"
-                + (f"; the other {own} carry their own" if own else ""))
-            all_records += records
-            predictions += [dict(r, benchmark=label) for r in records]
-            if args.image_ablation:
-                ablated = run_benchmark(model, processor, samples, finder, args, instruction, bare, max_new,
-                                        args.image_ablation, rank, world, device)
-                summary[label][f"accuracy_{args.image_ablation}"] = summarise(ablated, False)["accuracy"]
-                predictions += [dict(r, benchmark=label, ablation=args.image_ablation) for r in ablated]
-            table.append((ckpt, label, summary[label]))
-        if args.focus:
-            curves[ckpt] = mean_curve(all_records)
-        if master:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-                for r in predictions:
-                    f.write(json.dumps(r) + "\n")
-            print(f"wrote {out_dir}/summary.json and predictions.jsonl", file=sys.stderr)
-        del model
-
-    if master:
-        print(markdown_table(table, args))
-        if args.plot:
-            plot_curves(curves, args.plot)
-            print(f"wrote {args.plot}", file=sys.stderr)
-    if world > 1:
-        dist.destroy_process_group()
-
-
 def markdown_table(table, args):
     ablation = args.image_ablation
     head = ["checkpoint", "benchmark", "n", "images failed", "bad rows", "accuracy %"]
     if ablation:
+        # drop = accuracy lost without the image: how much the score needs the image at all
         head += [f"{ablation} images %", "drop"]
     if args.focus:
         head += ["focus early", "focus late", "late/early (correct)", "late/early (wrong)"]
@@ -639,6 +520,7 @@ def markdown_table(table, args):
             a = s[f"accuracy_{ablation}"]
             row += [f"{100 * a:.1f}", f"{100 * (s['accuracy'] - a):+.1f}"]
         if args.focus:
+            # early / late over all responses: the correct and wrong groups, weighted by size
             groups = [s[k] for k in ("focus_correct", "focus_wrong") if k in s]
             n = sum(g["n"] for g in groups) or 1
             early = sum(g["early"] * g["n"] for g in groups) / n
@@ -649,6 +531,113 @@ def markdown_table(table, args):
         row += [f"{paper[2]:.1f}" if paper[2] else "-", f"{paper[3]:.1f}" if paper[3] else "-"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# main: each checkpoint in turn, then one table (and one plot) for all of them
+
+def score_checkpoint(ckpt, cfg, names, args, rank, world, device):
+    """Every benchmark of one checkpoint: summary.json and predictions.jsonl written to its
+    output folder. Returns the summary {benchmark: {...}} and its mean focus curve."""
+    master = rank == 0
+    load_args = SimpleNamespace(attn=args.attn, trust_remote_code=args.trust_remote_code,
+                                min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    try:
+        model, processor, attn = infra.load_model(ckpt, load_args, device)
+    except ValueError as err:                       # a named, explained failure: no traceback
+        raise SystemExit(str(err)) from None
+    model.eval()
+    policy = infra.Policy(model)                    # policy(fn, *args) runs fn(model, *args), as in training
+    # the instruction the checkpoint was trained with, so that it is scored on its own prompt
+    instruction = args.instruction if args.instruction is not None else (
+        cfg.instruction if cfg is not None else rollout.INSTRUCTION)
+    jobs = []  # (name, samples, image finder, bare answers, max new tokens)
+    if not names and not args.data:
+        # the run's own validation task, answered as validation answers it (bare answers allowed)
+        jobs.append(("validation", own_validation(cfg), ImageFinder("."), cfg.bare_answers,
+                     cfg.val_max_new_tokens))
+    for name in names + args.data:
+        samples, root = load_benchmark(name, args)
+        label = name if name in BENCHMARKS else os.path.splitext(os.path.basename(name))[0]
+        split = BENCHMARKS[name][1] if name in BENCHMARKS else None
+        finder = ImageFinder(root, split, args.allow_outside_paths)
+        # a wrong image layout stops here, before any generation, with the fix
+        check_images(label, samples, finder)
+        jobs.append((label, samples, finder, False, args.max_new_tokens))
+    summary, predictions, all_records = {}, [], []
+    for label, samples, finder, bare, max_new in jobs:
+        if master:
+            print(f"{ckpt}: {label} ({len(samples)} samples, attention {attn}, "
+                  f"{rollout.describe_sampling(0, 1.0)})", file=sys.stderr)
+        records = run_benchmark(policy, processor, samples, finder, args, instruction, bare, max_new,
+                                None, rank, world, device)
+        summary[label] = summarise(records, args.focus)
+        check_failures(label, summary[label], records)
+        # one instruction per prompt: PAPO_eval's questions carry their own
+        own = sum(rollout.has_instruction(s["question"]) for s in samples)
+        summary[label]["instruction"] = (
+            "none" if not instruction and not own else
+            f"the question's own (already in {own} of {len(samples)} questions), nothing appended"
+            if own == len(samples) else
+            f"appended to {len(samples) - own} of {len(samples)} questions: {instruction!r}"
+            + (f"; the other {own} carry their own" if own else ""))
+        all_records += records
+        predictions += [dict(r, benchmark=label) for r in records]
+        if args.image_ablation:
+            # the same samples with blank (or noise) images: how much of the score needs the image
+            ablated = run_benchmark(policy, processor, samples, finder, args, instruction, bare, max_new,
+                                    args.image_ablation, rank, world, device)
+            summary[label][f"accuracy_{args.image_ablation}"] = summarise(ablated, False)["accuracy"]
+            predictions += [dict(r, benchmark=label, ablation=args.image_ablation) for r in ablated]
+    out_dir = args.output_dir or (os.path.join(ckpt, "eval") if os.path.isdir(ckpt)
+                                  else os.path.join("eval", ckpt.replace("/", "__")))
+    if len(args.ckpt) > 1 and args.output_dir:      # one sub-folder per checkpoint
+        out_dir = os.path.join(args.output_dir, os.path.basename(os.path.normpath(ckpt)))
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+            for r in predictions:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {out_dir}/summary.json and predictions.jsonl", file=sys.stderr)
+    return summary, mean_curve(all_records) if args.focus else None
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.plot:
+        args.focus = True
+    names = args.bench or []
+    if names == ["all"]:
+        names = [n for n in BENCHMARKS if n != "mathvista_testmini"]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise SystemExit(f"unknown benchmark {unknown}; valid: {', '.join(BENCHMARKS)} or all")
+    # under torchrun every rank answers a share of each benchmark (gloo carries the records)
+    rank, _, world, device = infra.setup_distributed()
+    ckpts = [resolve_checkpoint(c) for c in args.ckpt]
+
+    # a model without a validation task of its own (e.g. the base model beside its trained
+    # checkpoint) is scored on the task of the first train.py checkpoint in --ckpt
+    configs = {c: training_config(c) for c in ckpts}
+    fallback = next((cfg for cfg in configs.values() if cfg is not None), None)
+    table, curves = [], {}
+    for ckpt in ckpts:
+        cfg = configs[ckpt] or fallback
+        if not names and not args.data and cfg is None:
+            raise SystemExit(f"{ckpt} is not a train.py checkpoint, so it has no validation task of its "
+                             f"own; pass --bench (or --data)")
+        summary, curve = score_checkpoint(ckpt, cfg, names, args, rank, world, device)
+        table += [(ckpt, label, s) for label, s in summary.items()]
+        curves[ckpt] = curve
+    if rank == 0:
+        print(markdown_table(table, args))
+        if args.plot:
+            plot_curves(curves, args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

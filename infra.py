@@ -122,12 +122,6 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
-def to_device(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -207,6 +201,24 @@ def full_weights(policy):
             unit.reshard()
         policy.set_reshard_after_forward(True)
         policy.set_reshard_after_forward(False, recurse=False)  # FSDP's default for the root
+
+
+def fsdp_probe(processor, data, args):
+    """A one-row rollout (the first training prompt with an image, one response token)
+    that FSDP ranks with fewer micro-batches run with zero loss (see update_policy). Its
+    image makes it run the vision blocks, as every training prompt under --fsdp does."""
+    for index in range(min(len(data), 100)):
+        try:
+            example = data[index]
+        except rollout.BadRowError:
+            continue
+        if example["images"]:
+            batch, ipr = rollout.encode_prompts(processor, [example], args.instruction)
+            return rollout.Rollout(batch, ipr, responses=torch.tensor([[processor.tokenizer.eos_token_id]]),
+                                   mask=torch.ones(1, 1, dtype=torch.bool), acc=torch.zeros(1),
+                                   group_ids=torch.zeros(1, dtype=torch.long))
+    raise SystemExit(f"--fsdp: none of the first 100 rows of {args.train_data} has an image; under --fsdp "
+                     f"every training prompt needs one (see --fsdp in --help)")
 
 
 # -----------------------------------------------------------------------------
@@ -716,6 +728,43 @@ def start_or_resume(args, master):
 
 # -----------------------------------------------------------------------------
 # ---- run services ----: metrics to TensorBoard / W&B, stopping on a signal
+
+def start_log(args, s, n_params, attn, units):
+    """config.json, metrics.jsonl cut back to the checkpoint's step, and the start-up lines."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    # a resumed run redoes the steps after its checkpoint: drop their old log lines (and a
+    # line cut off by a crash)
+    path = os.path.join(args.out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [ln if ln.endswith("\n") else ln + "\n" for ln in f
+                     if (row := parse_log_line(ln)) is not None and row["step"] <= s.start_step]
+        with open(path, "w") as f:
+            f.writelines(lines)
+    sharding = f"FSDP2 over {s.world} ranks, {units} units + root" if args.fsdp else "full copy per rank"
+    sharding += ", CPU offload" if args.fsdp_offload else ""
+    print(f"model {args.model} ({n_params / 1e6:.2f}M params, attention: {attn}, device: {s.device}, "
+          f"world: {s.world}, weights: {sharding})")
+    print(f"train {args.train_data} ({len(s.train_data)} rows), val {args.val_data} ({len(s.val_data)}); "
+          f"VGPO intra={args.intra} inter={args.inter} compensation={args.compensation} gate={args.gate}"
+          + (f"; resuming from {s.resume_from}" if s.resume_from else ""))
+    # what generate() really does: nothing is inherited from the checkpoint's generation_config
+    print(f"sampling: {rollout.describe_sampling(args.temperature, args.top_p)}; validation: "
+          f"{rollout.describe_sampling(0, 1.0)}; {args.max_new_tokens} new tokens at most")
+    print("config: " + json.dumps(vars(args)))
+
+
+def print_row(bar, row):
+    bar.write(f"step {row['step']:4d} | epoch {row['epoch']:.2f} | acc {row['acc']:.3f} | "
+              f"len {row['response_len']:.1f} | groups kept {row['kept_groups']}/{row['sampled_groups']} | "
+              f"loss {row.get('loss', float('nan')):+.4f} | "
+              + (f"val_acc {row['val_acc']:.3f} | " if "val_acc" in row else "")
+              + f"{row['time']:.1f}s | {row['peak_mem_gb']:.2f} GB")
+    if row.get("replica_divergence", 0) > 0:         # every rank applied the same gradient: a bug
+        bar.write(f"WARNING: ranks disagree on the weights by {row['replica_divergence']:.3g}")
+
 
 def teardown():
     """The end of a run under torchrun: wait for every rank, then close the process group."""

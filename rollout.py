@@ -16,11 +16,13 @@ Read top to bottom:
 
 import io
 import json
+import math
 import os
 import re
 
 import torch
 import torch.utils.checkpoint
+from dataclasses import dataclass
 from PIL import Image
 
 import vgpo
@@ -262,6 +264,17 @@ def build_messages(problem, instruction):
     return [{"role": "user", "content": content}]
 
 
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def autocast(device):
+    """bf16 autocast on a GPU (the paper trains in bf16); full fp32 on a CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
 def encode_prompts(processor, examples, instruction):
     """Chat-template + process a list of examples into one left-padded batch.
 
@@ -331,6 +344,63 @@ def concat_prompt_batches(parts, pad_id):
 def pad_right(tensors, value):
     width = max(t.shape[1] for t in tensors)
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
+
+
+# -----------------------------------------------------------------------------
+# ---- the rollout: one step's responses on one rank ----
+
+@dataclass
+class Rollout:
+    """This rank's sampled responses of one step: N rows, G per prompt, a group's rows
+    adjacent. Every tensor is on the CPU; a micro-batch moves its rows to the device.
+
+    Example: 2 prompts x G = 8 -> N = 16; group_ids = [5]*8 + [9]*8 (the prompts'
+    positions in the stream), responses (16, T) right-padded, mask (16, T).
+    A rank whose groups were all filtered out holds Rollout.empty(): zero rows, so it
+    runs the same code, and so the same collectives, as every other rank.
+    """
+    prompts: dict              # the processor's batch, one row per response (pixel_values in row order)
+    ipr: torch.Tensor          # (N,) images per row; 0 for a text-only prompt
+    responses: torch.Tensor    # (N, T) sampled token ids
+    mask: torch.Tensor         # (N, T) True up to and including the first EOS
+    acc: torch.Tensor          # (N,) the verifiable reward of each response
+    group_ids: torch.Tensor    # (N,) the prompt's id: rows with one id form a group
+    # filled in later in the step, each (N, T): the sampling policy's log-probs (the PPO
+    # ratio's denominator), the reference's (only with --kl_coef) and VGPO's advantages
+    old_logp: torch.Tensor = None
+    ref_logp: torch.Tensor = None
+    adv: torch.Tensor = None
+
+    def __len__(self):
+        return len(self.acc)
+
+    @classmethod
+    def empty(cls):
+        """Zero rows: a (0, 1) mask keeps every shape two-dimensional."""
+        return cls(prompts={"input_ids": torch.zeros(0, 1, dtype=torch.long),
+                            "attention_mask": torch.zeros(0, 1, dtype=torch.long)},
+                   ipr=torch.zeros(0, dtype=torch.long), responses=torch.zeros(0, 1, dtype=torch.long),
+                   mask=torch.zeros(0, 1, dtype=torch.bool), acc=torch.zeros(0),
+                   group_ids=torch.zeros(0, dtype=torch.long))
+
+    @classmethod
+    def concat(cls, parts, pad_id):
+        """One rollout from the parts kept by several sampling rounds (empty if none)."""
+        if not parts:
+            return cls.empty()
+        prompts, ipr = concat_prompt_batches([(p.prompts, p.ipr) for p in parts], pad_id)
+        return cls(prompts=prompts, ipr=ipr, responses=pad_right([p.responses for p in parts], pad_id),
+                   mask=pad_right([p.mask for p in parts], False), acc=torch.cat([p.acc for p in parts]),
+                   group_ids=torch.cat([p.group_ids for p in parts]))
+
+    def micro(self, rows, device):
+        """Prompt batch, responses and mask of some rows, on `device`, trimmed to their
+        longest response: a micro-batch of short answers never pays for a long one."""
+        prompts, _ = take_rows(self.prompts, self.ipr, rows)
+        mask = self.mask[rows]
+        width = max(1, int(mask.sum(dim=1).max()))
+        responses = self.responses[rows, :width].to(device)                 # (n, width)
+        return to_device(prompts, device), responses, mask[:, :width].to(device), width
 
 
 # -----------------------------------------------------------------------------
@@ -512,6 +582,26 @@ def accuracy_rewards(texts, golds, bare=False):
     return [float(grade(extract_answer(t, bare), g)) for t, g in zip(texts, golds)]
 
 
+def custom_rewards(spec, texts, golds):
+    """train.py --reward module:function: import the function and check what it returns.
+
+    Example: "my_rewards:length_penalty" imports my_rewards.py (from the working folder or
+    PYTHONPATH) and calls length_penalty(texts, golds) -> [float, ...], one per response.
+    """
+    import importlib
+    module, _, name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise SystemExit(f"--reward {spec}: cannot load it ({type(e).__name__}: {e}); give "
+                         f"module:function with module.py in the working folder or on PYTHONPATH") from None
+    values = [float(v) for v in function(texts, golds)]
+    if len(values) != len(texts) or not all(math.isfinite(v) for v in values):
+        raise SystemExit(f"--reward {spec} returned {len(values)} values for {len(texts)} responses, "
+                         f"or a value that is not finite; it must return one finite float per response")
+    return values
+
+
 def informative_groups(acc, group_ids, low=0.01, high=0.99):
     """DAPO dynamic sampling: keep groups whose mean accuracy is strictly in (low, high).
 
@@ -580,3 +670,53 @@ def score(model, batch, responses, response_mask, *, temperature=1.0, focus=Fals
     image_mask = batch["input_ids"] == model.config.image_token_id       # (B, P)
     s = vgpo.visual_focus(hidden[:, prompt_len:].detach(), hidden[:, :prompt_len].detach(), image_mask)
     return logp, s
+
+
+# -----------------------------------------------------------------------------
+# ---- greedy answers and visual focus: validation (train.py) and benchmarks (eval.py) ----
+
+@torch.no_grad()
+def answer_greedily(policy, processor, examples, instruction, *, max_new_tokens, bare, device, focus=False):
+    """Greedy answers to `examples`, each graded against its "answer": the one scoring
+    function of train.py's validation and eval.py's benchmarks.
+
+    policy(fn, *args) runs fn(model, *args) (infra.Policy: under FSDP it runs the root's hooks).
+    Returns one record per example, e.g. {"response": "2+1=\\boxed{3}", "answer": "3",
+    "correct": True}, plus with focus=True "focus": the visual focus of each response
+    token (vgpo.visual_focus, Step 1), a 1-D CPU tensor.
+    """
+    batch = to_device(encode_prompts(processor, examples, instruction)[0], device)
+    with autocast(device):
+        # greedy, nothing taken from the checkpoint's generation_config: the paper's protocol
+        responses, mask, _ = policy(generate, processor, batch, max_new_tokens=max_new_tokens, temperature=0)
+        scores = policy(score, batch, responses, mask, focus=True)[1] if focus else None      # (B, T)
+    # positions after the first EOS are padding whatever their value (pad may equal EOS)
+    texts = processor.batch_decode(torch.where(mask, responses, processor.tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    records = []
+    for k, (example, text) in enumerate(zip(examples, texts)):
+        answer = extract_answer(text, bare)
+        records.append(dict(response=text, answer=answer, correct=bool(grade(answer, example["answer"]))))
+        if focus:
+            records[-1]["focus"] = scores[k][mask[k]].float().cpu()
+    return records
+
+
+def focus_profile(focus, mask, parts=3):
+    """Mean visual focus of each response over `parts` equal spans of its relative
+    position x = t / (T - 1): the one definition of early / middle / late focus (parts=3),
+    used by training's log and by eval.py, and of eval.py's focus curve (parts=20).
+
+    (N, T) focus and mask -> (N, parts), nan where a response has no token in a span.
+    Example: parts=3, a response of 4 tokens (x = 0, 1/3, 2/3, 1) with focus [4, 3, 2, 1]
+    -> [[4, 3, 1.5]]; a 2-token response has an early and a late token, no middle one.
+    Every response counts once, whatever its length: a long response does not outweigh
+    a short one, so right and wrong answers of different lengths compare fairly.
+    """
+    mask = mask.bool()
+    x = vgpo.relative_position(mask)                                # (N, T) in [0, 1]
+    span = (x * parts).long().clamp(max=parts - 1)                  # (N, T): 0 .. parts-1
+    onehot = torch.nn.functional.one_hot(span, parts) * mask.unsqueeze(-1)      # (N, T, parts)
+    total = (onehot * focus.double().unsqueeze(-1)).sum(dim=1)     # (N, parts)
+    count = onehot.sum(dim=1)                                       # (N, parts)
+    return (total / count).float()                                  # 0 / 0 = nan: no token there

@@ -440,6 +440,7 @@ import sys
 import infra
 import rollout
 import tiny
+import config
 import train
 
 
@@ -582,7 +583,7 @@ def fixed_rollout(processor, groups):
     The same group id always gives the same rows, whichever process builds it.
     """
     if not groups:
-        return train.empty_rollout()
+        return rollout.Rollout.empty()
     batch, ipr = rollout.encode_prompts(processor, [tiny.counting_example(7, g) for g in groups], "")
     rows = torch.arange(len(groups)).repeat_interleave(8)
     responses, mask, acc = [], [], []
@@ -592,8 +593,9 @@ def fixed_rollout(processor, groups):
         responses.append(torch.randint(3, 60, (8, 6), generator=gen))
         mask.append(torch.arange(6) < lengths.unsqueeze(1))
         acc.append(((torch.arange(8) + g) % 3 == 0).float())
-    return dict(prompts=rollout.take_rows(batch, ipr, rows)[0], ipr=ipr[rows], responses=torch.cat(responses),
-                mask=torch.cat(mask), acc=torch.cat(acc), group_ids=torch.tensor(groups).repeat_interleave(8))
+    return rollout.Rollout(prompts=rollout.take_rows(batch, ipr, rows)[0], ipr=ipr[rows],
+                           responses=torch.cat(responses), mask=torch.cat(mask), acc=torch.cat(acc),
+                           group_ids=torch.tensor(groups).repeat_interleave(8))
 
 
 def one_update(model_dir, groups, mini_batches, fsdp, world=1):
@@ -612,9 +614,9 @@ def one_update(model_dir, groups, mini_batches, fsdp, world=1):
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     roll = fixed_rollout(processor, groups)
     with infra.full_weights(policy):                 # gathers: every rank enters it
-        roll["old_logp"], focus = train.score_rollouts(policy, roll, args, device)
-    roll["adv"], _ = train.token_advantages(roll, focus, {})
-    probe = train.fsdp_probe(processor, tiny.CountingTask(3, 4), args) if fsdp else None
+        roll.old_logp, focus = train.score_rollouts(policy, roll, args, device)
+    roll.adv, _ = train.token_advantages(roll, focus, {})
+    probe = infra.fsdp_probe(processor, tiny.CountingTask(3, 4), args) if fsdp else None
     sums = train.update_policy(policy, optimizer, params, roll, args, world, device, probe=probe)
     assert sums.pop("updates") == mini_batches
     if not fsdp:
@@ -964,8 +966,9 @@ def test_a_training_step_does_not_depend_on_how_it_is_micro_batched(tiny_model_d
 
 
 def test_token_budget_packs_rows_in_order():
-    roll = {"prompts": {"attention_mask": torch.tensor([[1] * 20, [1] * 20, [1] * 20, [1] * 20])},
-            "mask": torch.tensor([[1] * 10 + [0] * 40, [1] * 10 + [0] * 40, [1] * 40 + [0] * 10, [1] * 5 + [0] * 45])}
+    mask = torch.tensor([[1] * 10 + [0] * 40, [1] * 10 + [0] * 40, [1] * 40 + [0] * 10, [1] * 5 + [0] * 45])
+    roll = rollout.Rollout(prompts={"attention_mask": torch.ones(4, 20, dtype=torch.long)}, ipr=torch.zeros(4),
+                           responses=mask.long(), mask=mask.bool(), acc=torch.zeros(4), group_ids=torch.arange(4))
     args = train.parse_args(["--micro_tokens", "100"])
     parts = train.micro_batches(roll, torch.arange(4), args)                 # lengths 30, 30, 60, 25
     assert [p.tolist() for p in parts] == [[0, 1], [2], [3]]
@@ -1591,11 +1594,11 @@ def test_image_paths_outside_the_data_folder_need_to_be_allowed(tmp_path):
 
 
 def test_help_shows_every_flags_actual_default(capsys):
-    for module in (train, evaluate):
+    for module in (config, evaluate):
         with pytest.raises(SystemExit):
             module.build_parser().parse_args(["--help"])
         text = " ".join(capsys.readouterr().out.split())
-        if module is train:
+        if module is config:
             assert "(paper: 1e-6) (default: 0.0005)" in text and "(default: 120)" in text
     assert "shared" not in evaluate.__doc__
 
@@ -1693,8 +1696,8 @@ def test_a_non_finite_gradient_never_reaches_the_weights_and_is_counted(tiny_mod
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     roll = fixed_rollout(processor, [0, 1])
-    roll["old_logp"], focus = train.score_rollouts(policy, roll, args, torch.device("cpu"))
-    roll["adv"], _ = train.token_advantages(roll, focus, {})
+    roll.old_logp, focus = train.score_rollouts(policy, roll, args, torch.device("cpu"))
+    roll.adv, _ = train.token_advantages(roll, focus, {})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hook = params[3].register_hook(lambda g: g * float("nan"))
     update = train.update_policy(policy, optimizer, params, roll, args, 1, torch.device("cpu"))
@@ -1755,8 +1758,8 @@ def test_two_draws_of_one_row_in_a_step_are_two_groups(tiny_model, tmp_path, mon
                               "len_sum", "truncated", "responses"), 0.0)
     roll = train.collect_rollouts(infra.Policy(model), processor, data, infra.PromptStream(3, 0), args, 0, 1,
                                   torch.device("cpu"), counters)
-    ids, counts = torch.unique(roll["group_ids"], return_counts=True)
-    assert len(roll["acc"]) == 32 and len(ids) == 8 and (counts == 4).all()
+    ids, counts = torch.unique(roll.group_ids, return_counts=True)
+    assert len(roll.acc) == 32 and len(ids) == 8 and (counts == 4).all()
 
 
 def test_training_moves_credit_with_vgpo_and_not_without(tiny_model_dir, tmp_path):

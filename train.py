@@ -13,6 +13,8 @@ Train a vision-language model with VGPO (or plain DAPO/GRPO) on verifiable rewar
 With no arguments it builds a tiny, randomly initialised Qwen2.5-VL and trains it on a
 synthetic "how many shapes?" task until it answers from the image (tiny.py). The same code
 trains a hub model: --model Qwen/Qwen2.5-VL-7B-Instruct --train_data <id or local file>.
+Every flag, with the paper's symbol and value, is in config.py (and --help); processes,
+checkpoints and the start-up checks are in infra.py, so that this file is the algorithm.
 
 How one step differs from textbook GRPO, in order:
  1. Rollout: each rank samples n responses for its share of prompts; groups whose
@@ -36,7 +38,6 @@ How one step differs from textbook GRPO, in order:
     zero-loss one (see update_policy). Checkpoints stay plain save_pretrained folders.
 """
 
-import argparse
 import json
 import math
 import os
@@ -49,251 +50,11 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+import config
 import infra
 import rollout
 import tiny
 import vgpo
-
-# -----------------------------------------------------------------------------
-# configuration: defaults are the embedded tiny preset; --preset paper7b is the paper's
-
-PRESETS = {
-    # The paper's 7B recipe (VGPO.md, "The paper's 7B recipe"), one node of 8 x 80 GB.
-    "paper7b": dict(
-        model="Qwen/Qwen2.5-VL-7B-Instruct",
-        # data as it is on the hub: PAPO_MMK12_test's only split is "train"
-        train_data="PAPOGalaxy/PAPO_ViRL39K_train", train_split="train",
-        val_data="PAPOGalaxy/PAPO_MMK12_test", val_split="train",
-        # the instruction PAPO_eval's questions end with: trained and scored the same way
-        instruction=rollout.INSTRUCTION, bare_answers=False,
-        # rollout: 512 prompts x G = 8 at temperature 1.0, top-p 0.99, DAPO resampling
-        rollout_batch=512, group_size=8, temperature=1.0, top_p=0.99, max_tries=4,
-        max_prompt_len=4096, max_new_tokens=2048, min_pixels=262144, max_pixels=4194304,
-        # update: mini-batch 128 prompts, 2 epochs, AdamW 1e-6, no KL, grad clip 1.0
-        mini_batch=128, ppo_epochs=1, epochs=2, max_steps=-1,
-        lr=1e-6, weight_decay=1e-2, grad_clip=1.0, kl_coef=0.0,
-        # VGPO: β, κ, γ as published; every switch on (the defaults)
-        beta=0.3, kappa=0.2, gamma=0.5,
-        # memory: 32 sequences a generate() call and 4 a forward fit 80 GB at the longest
-        # prompt and response (the plan printed at start-up; infra.memory_plan)
-        micro_batch=4, gen_batch=32, val_batch=32,
-        gradient_checkpointing=True, freeze_vision=False, fsdp=True,
-        val_every=5, save_every=10, val_size=-1, val_max_new_tokens=2048,
-    ),
-}
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=infra.HelpFormatter)
-    # ---- flags, under banners; --help shows each one's default ----
-    g = p.add_argument_group("run")
-    g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="a named recipe; flags given on the command line still win")
-    g.add_argument("--out_dir", default="out", help="metrics.jsonl, config.json and checkpoints/ go here")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in <out_dir>/checkpoints (fresh if "
-                        "there is no run)")
-    g.add_argument("--max_steps", type=int, default=120,
-                   help="training steps; -1 = until --epochs passes of prompts have been drawn")
-    g.add_argument("--epochs", type=float, default=1.0,
-                   help="with --max_steps -1: passes over the training prompts, counted in prompts drawn "
-                        "(paper: 2)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seeds the tiny model, the data order and the sampling")
-    g.add_argument("--save_every", type=int, default=40,
-                   help="checkpoint every N steps (and always at the end); 0 = only at the end")
-    g.add_argument("--val_every", type=int, default=20,
-                   help="validate every N steps (and always at the end); 0 = only at the end")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny",
-                   help="hub id or folder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint; 'tiny' = the "
-                        "embedded model")
-    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute activations in backward to save memory (paper: on)")
-    g.add_argument("--freeze_vision", action=argparse.BooleanOptionalAction, default=False,
-                   help="do not train the vision tower (paper: trained)")
-    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
-                   help="under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2; see "
-                        "README)")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--train_data", default="synthetic",
-                   help="hub dataset id, local .parquet/.json/.jsonl file or folder, or 'synthetic'")
-    g.add_argument("--train_split", default="train", help="split of --train_data (hub ids and folders)")
-    g.add_argument("--val_data", default="synthetic",
-                   help="as --train_data; 'synthetic' = a held-out set of the counting task")
-    g.add_argument("--val_split", default="test", help="split of --val_data")
-    g.add_argument("--val_size", type=int, default=200, help="validation examples (-1 = the whole set)")
-    g.add_argument("--val_batch", type=int, default=100,
-                   help="prompts per greedy generate() call in validation")
-    g.add_argument("--val_max_new_tokens", type=int, default=2,
-                   help="longest validation response (paper: 2048)")
-    g.add_argument("--skip_bad_rows", action="store_true",
-                   help="skip (and count) rows with a missing image or answer instead of stopping")
-    g.add_argument("--max_prompt_len", type=int, default=512,
-                   help="prompts longer than this (tokens, images included) are dropped and counted, never "
-                        "truncated")
-    g.add_argument("--min_pixels", type=int, default=0,
-                   help="resize images to at least this many pixels (0 = processor default; paper 262144)")
-    g.add_argument("--max_pixels", type=int, default=0,
-                   help="resize images to at most this many pixels (0 = processor default; paper 4194304)")
-    g.add_argument("--instruction", default="",
-                   help="appended to every problem (paper preset: reason in <think></think>, answer in "
-                        "\\boxed{})")
-    g.add_argument("--reward", default="accuracy",
-                   help="accuracy (the paper's: the last \\boxed{} graded), or module:function(texts, golds) "
-                        "-> floats")
-    g.add_argument("--bare_answers", action=argparse.BooleanOptionalAction, default=True,
-                   help="take the last number when there is no \\boxed{} (synthetic task: a random model "
-                        "cannot box)")
-
-    # the paper's symbol and value are in each help text; defaults are the tiny preset's
-    g = p.add_argument_group("rollout")
-    g.add_argument("--rollout_batch", type=int, default=32,
-                   help="prompts per step, all ranks together (paper: 512)")
-    g.add_argument("--group_size", type=int, default=8, help="G, responses sampled per prompt (paper: 8)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
-    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (paper: 0.99)")
-    g.add_argument("--max_new_tokens", type=int, default=2, help="longest response (paper: 2048)")
-    g.add_argument("--max_tries", type=int, default=4,
-                   help="DAPO dynamic sampling: rounds of sampling to fill the batch with informative groups")
-    g.add_argument("--gen_batch", type=int, default=512,
-                   help="sequences per generate() call: sets the KV cache (see the memory plan; paper7b: 32)")
-
-    g = p.add_argument_group("VGPO (paper defaults)")
-    g.add_argument("--no_vgpo", action="store_true",
-                   help="plain DAPO/GRPO: turns intra, inter, compensation and gate off")
-    g.add_argument("--intra", action=argparse.BooleanOptionalAction, default=True,
-                   help="intra-trajectory re-weighting ψ (Eq. 7-8)")
-    g.add_argument("--inter", action=argparse.BooleanOptionalAction, default=True,
-                   help="inter-trajectory re-weighting α (Eq. 9-11)")
-    g.add_argument("--compensation", action=argparse.BooleanOptionalAction, default=True,
-                   help="visual attention compensation c (Eq. 5)")
-    g.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
-                   help="visual gate G (Eq. 6)")
-    g.add_argument("--beta", type=float, default=0.3, help="β, compensation strength (Eq. 5; paper 0.3)")
-    g.add_argument("--kappa", type=float, default=0.2,
-                   help="κ, fraction of tail tokens the gate opens (Eq. 6; paper 0.2)")
-    g.add_argument("--gamma", type=float, default=0.5,
-                   help="γ, where the tail starts, as a fraction of the response (Eq. 6; paper 0.5)")
-    g.add_argument("--schedule", default="linear", choices=vgpo.SCHEDULES,
-                   help="compensation schedule (Eq. 5; paper: linear)")
-
-    g = p.add_argument_group("update")
-    g.add_argument("--mini_batch", type=int, default=32,
-                   help="prompts per optimizer step, all ranks together (paper: 128)")
-    g.add_argument("--micro_batch", type=int, default=64,
-                   help="sequences per forward/backward on one rank (memory only: the gradient does not "
-                        "depend on it)")
-    g.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch")
-    g.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (paper: 1e-6)")
-    g.add_argument("--warmup_steps", type=int, default=0,
-                   help="steps of linear warm-up from 0 to --lr (paper: 0)")
-    g.add_argument("--lr_schedule", default="constant", choices=["constant", "linear", "cosine"],
-                   help="after warm-up: constant (paper), or a linear / cosine decay to 0 at the last step")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (paper: 1e-2)")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (paper: 1.0)")
-    g.add_argument("--clip_low", type=float, default=0.2, help="ε_low of the clipped ratio (paper: 0.2)")
-    g.add_argument("--clip_high", type=float, default=0.28, help="ε_high, DAPO clip-higher (paper: 0.28)")
-    g.add_argument("--kl_coef", type=float, default=0.0,
-                   help="KL-to-reference coefficient; 0 = off (paper: off; 1e-2 when on)")
-
-    # rarely changed: kernels, column names, data safety limits, resume overrides, logging,
-    # memory knobs that do not change the result, and the exotic schedule parameters
-    g = p.add_argument_group("advanced")
-    g.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa", "eager"],
-                   help="attention kernel; auto = flash_attention_2 when importable on GPU, else sdpa")
-    g.add_argument("--trust_remote_code", action="store_true",
-                   help="allow model code from the hub (off unless asked for)")
-    g.add_argument("--fsdp_offload", action="store_true",
-                   help="with --fsdp: keep the shards, gradients and AdamW state in CPU memory (slower)")
-    g.add_argument("--problem_key", default="problem",
-                   help="column of the problem text, with <image> placeholders")
-    g.add_argument("--answer_key", default="answer", help="column of the gold answer")
-    g.add_argument("--images_key", default="images", help="column of the images: paths, bytes or PIL images")
-    g.add_argument("--allow_outside_paths", action="store_true",
-                   help="let image paths in a data file be absolute or lead out of the file's folder with ..")
-    g.add_argument("--max_bad_fraction", type=float, default=0.1,
-                   help="with --skip_bad_rows: stop when more than this share of the rows read are bad")
-    g.add_argument("--allow_changed", nargs="+", default=[], metavar="FLAG",
-                   help="with --resume: run-defining flags allowed to differ from the checkpoint's (e.g. "
-                        "lr), logged")
-    g.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
-                   help="also send the metrics to TensorBoard (<out_dir>/tensorboard) or W&B; metrics.jsonl "
-                        "is always written")
-    g.add_argument("--wandb_project", default="vgpo",
-                   help="the Weights & Biases project of --report_to wandb")
-    g.add_argument("--micro_tokens", type=int, default=0,
-                   help="pack micro-batches up to this many padded tokens instead of --micro_batch rows (0 = "
-                        "off)")
-    g.add_argument("--logp_chunk", type=int, default=512,
-                   help="response positions per checkpointed lm_head block; bounds the logits memory (0 = "
-                        "one block)")
-    g.add_argument("--comp_start", type=float, default=0.0,
-                   help="s0, relative position where compensation starts (paper 0)")
-    g.add_argument("--exponent", type=float, default=2.0, help="p of the exp schedule")
-    g.add_argument("--step_at", type=float, default=0.5,
-                   help="relative position where the step schedule switches on")
-    g.add_argument("--kl_kind", default="low_var_kl", choices=["k1", "k2", "low_var_kl"],
-                   help="KL estimator (low_var_kl = k3)")
-    g.add_argument("--clip_dual", type=float, default=3.0,
-                   help="c, dual-clip bound for negative advantages (paper: 3.0)")
-    g.add_argument("--keep_last", type=int, default=0,
-                   help="keep only the N newest checkpoints (0 = keep all)")
-    return p
-
-
-# settings that define a run: resuming with any of these changed is refused
-RUN_IDENTITY = ("model", "train_data", "train_split", "problem_key", "answer_key", "images_key",
-                "skip_bad_rows", "seed", "instruction", "bare_answers", "min_pixels", "max_pixels",
-                "max_prompt_len", "group_size", "rollout_batch", "mini_batch", "temperature", "top_p",
-                "max_new_tokens", "max_tries", "intra", "inter", "compensation", "gate", "beta", "kappa",
-                "gamma", "schedule", "comp_start", "exponent", "step_at", "ppo_epochs", "lr",
-                "weight_decay", "grad_clip", "clip_low", "clip_high", "clip_dual", "kl_coef", "kl_kind",
-                "freeze_vision", "fsdp", "val_data", "val_split", "val_size", "val_max_new_tokens", "reward",
-                "warmup_steps", "lr_schedule")
-
-
-def parse_args(argv=None):
-    """Parse flags; a --preset replaces the defaults, explicit flags still win."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.preset:
-        parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args(argv)
-    if args.no_vgpo:
-        args.intra = args.inter = args.compensation = args.gate = False
-    if args.max_steps == 0:
-        parser.error("--max_steps 0 trains nothing; give a positive number, or -1 for --epochs passes")
-    for name in ("rollout_batch", "mini_batch", "micro_batch", "max_new_tokens", "max_tries", "gen_batch"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.group_size < 2:
-        parser.error("--group_size must be >= 2: GRPO compares each response with its group")
-    if args.fsdp_offload and not args.fsdp:
-        parser.error("--fsdp_offload needs --fsdp")
-    unknown = [k for k in args.allow_changed if k not in RUN_IDENTITY]
-    if unknown:
-        parser.error(f"--allow_changed {unknown}: not a run-defining flag; those are "
-                     f"{', '.join(RUN_IDENTITY)}")
-    if args.rollout_batch % args.mini_batch:
-        parser.error(f"--rollout_batch {args.rollout_batch} is not a multiple of "
-                     f"--mini_batch {args.mini_batch}")
-    return args
-
-
-# -----------------------------------------------------------------------------
-# helpers: distributed, model loading, data
-
-
-# -----------------------------------------------------------------------------
-# FSDP2 (--fsdp): weights, gradients and optimizer state sharded over the ranks
-
-
-# -----------------------------------------------------------------------------
-# memory plan: what one rank holds, printed at start-up and checked against the device
-
 
 # -----------------------------------------------------------------------------
 # rollout: sample, reward, filter
@@ -308,18 +69,7 @@ def rewards(texts, golds, args):
     # accuracy only, as the paper trains: no format reward, no length penalty
     if args.reward == "accuracy":
         return rollout.accuracy_rewards(texts, golds, args.bare_answers)
-    import importlib
-    module, _, name = args.reward.partition(":")
-    try:
-        function = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise SystemExit(f"--reward {args.reward}: cannot load it ({type(e).__name__}: {e}); give "
-                         f"module:function with module.py in the working folder or on PYTHONPATH") from None
-    values = [float(v) for v in function(texts, golds)]
-    if len(values) != len(texts) or not all(math.isfinite(v) for v in values):
-        raise SystemExit(f"--reward {args.reward} returned {len(values)} values for {len(texts)} responses, "
-                         f"or a value that is not finite; it must return one finite float per response")
-    return values
+    return rollout.custom_rewards(args.reward, texts, golds)
 
 
 def lr_at(step, total_steps, args):
@@ -360,6 +110,52 @@ def fetch_examples(data, indices, args, counters, first_group=0):
     return examples
 
 
+def encode_examples(processor, examples, args, counters, data):
+    """Process prompts once, then drop over-long ones (never cut them) and, under --fsdp,
+    text-only ones. Returns the batch, its images per row (B,) and the examples kept."""
+    # pixel_values holds every image's patches, in row order; ipr says how many are whose
+    batch, ipr = rollout.encode_prompts(processor, examples, args.instruction)
+    fits = batch["attention_mask"].sum(dim=1) <= args.max_prompt_len              # (B,)
+    counters["long_prompts"] += int((~fits).sum())
+    if args.fsdp and (ipr == 0).any():
+        # every rank must run the sharded vision tower in every update forward
+        row = examples[int((ipr == 0).nonzero()[0])]["row"]
+        if not args.skip_bad_rows:
+            raise SystemExit(f"{args.train_data}: row {row} has no image; under --fsdp every training "
+                             f"prompt needs one (the vision blocks are sharded, and every rank must run "
+                             f"them in each forward). Drop text-only rows, pass --skip_bad_rows to skip "
+                             f"and count them, or train without --fsdp.")
+        counters["bad_rows"] += int(((ipr == 0) & fits).sum())
+        if len(data.skipped) < 5:
+            data.skipped.append(f"{args.train_data}, row {row}: no image (needed under --fsdp)")
+        fits &= ipr > 0
+    if not fits.any():
+        return batch, ipr, []
+    if not fits.all():
+        batch, ipr = rollout.take_rows(batch, ipr, fits.nonzero().flatten())
+        examples = [ex for ex, ok in zip(examples, fits.tolist()) if ok]
+    return batch, ipr, examples
+
+
+def sample(policy, processor, batch, ipr, rows, args, device):
+    """Sample one response for each of `rows` (prompt indices, G per prompt) at the
+    training temperature, --gen_batch sequences per generate() call (the KV cache's size).
+    Returns responses (n, T), their masks (n, T) and which hit --max_new_tokens (n,)."""
+    responses, masks, truncs = [], [], []
+    policy.eval()
+    for chunk in rows.split(args.gen_batch):
+        gen_batch, _ = rollout.take_rows(batch, ipr, chunk)
+        with rollout.autocast(device):
+            # sampling settings are explicit, never the checkpoint's generation_config (rollout.py)
+            r, m, t = policy(rollout.generate, processor, rollout.to_device(gen_batch, device),
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p)
+        responses.append(r.cpu()), masks.append(m.cpu()), truncs.append(t.cpu())
+    # chunks end at different lengths: right-pad them to one width
+    pad_id = processor.tokenizer.pad_token_id
+    return rollout.pad_right(responses, pad_id), rollout.pad_right(masks, False), torch.cat(truncs)
+
+
 def collect_rollouts(policy, processor, data, stream, args, rank, world, device, counters):
     """DAPO dynamic sampling on this rank: sample groups until this rank holds its share
     of informative groups (or --max_tries rounds have run). Every rank runs the same
@@ -383,86 +179,37 @@ def collect_rollouts(policy, processor, data, stream, args, rank, world, device,
         if n_kept >= share:
             continue                                    # full: keep stepping with the others
         examples = fetch_examples(data, indices, args, counters, first_group)
+        batch, ipr, examples = encode_examples(processor, examples, args, counters, data) if examples else (
+            None, None, [])
         if not examples:
             continue
-        # process once, then drop over-long prompts from the batch (never cut them)
-        # ipr (B,): images per row; pixel_values holds every image's patches, in row order
-        batch, ipr = rollout.encode_prompts(processor, examples, args.instruction)
-        fits = batch["attention_mask"].sum(dim=1) <= args.max_prompt_len
-        counters["long_prompts"] += int((~fits).sum())
-        if args.fsdp and (ipr == 0).any():
-            # every rank must run the sharded vision tower in every update forward
-            row = examples[int((ipr == 0).nonzero()[0])]["row"]
-            if not args.skip_bad_rows:
-                raise SystemExit(f"{args.train_data}: row {row} has no image; under --fsdp every training "
-                                 f"prompt needs one (the vision blocks are sharded, and every rank must run "
-                                 f"them in each forward). Drop text-only rows, pass --skip_bad_rows to skip "
-                                 f"and count them, or train without --fsdp.")
-            counters["bad_rows"] += int(((ipr == 0) & fits).sum())
-            if len(data.skipped) < 5:
-                data.skipped.append(f"{args.train_data}, row {row}: no image (needed under --fsdp)")
-            fits &= ipr > 0
-        if not fits.any():
-            continue
-        if not fits.all():
-            batch, ipr = rollout.take_rows(batch, ipr, fits.nonzero().flatten())
-            examples = [ex for ex, ok in zip(examples, fits.tolist()) if ok]
-        # G samples per prompt, in chunks of --gen_batch sequences (the KV cache's size)
-        rows = torch.arange(len(examples)).repeat_interleave(args.group_size)       # n samples per prompt
-        responses, masks, truncs = [], [], []
-        policy.eval()
-        for chunk in rows.split(args.gen_batch):
-            gen_batch, _ = rollout.take_rows(batch, ipr, chunk)
-            with infra.autocast(device):
-                r, m, t = policy(rollout.generate, processor, infra.to_device(gen_batch, device),
-                                 max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p)
-            responses.append(r.cpu()), masks.append(m.cpu()), truncs.append(t.cpu())
-        pad_id = processor.tokenizer.pad_token_id
-        responses, masks = rollout.pad_right(responses, pad_id), rollout.pad_right(masks, False)   # (n, T)
-        truncated = torch.cat(truncs)
-        texts = processor.batch_decode(torch.where(masks, responses, pad_id), skip_special_tokens=True)
-        golds = [examples[r]["answer"] for r in rows.tolist()]
+        rows = torch.arange(len(examples)).repeat_interleave(args.group_size)   # (n,): G rows per prompt
+        responses, masks, truncated = sample(policy, processor, batch, ipr, rows, args, device)   # (n, T)
+        texts = processor.batch_decode(torch.where(masks, responses, processor.tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
         # the verifiable reward: 1 if the last \boxed{} equals the gold answer, else 0 (no format term)
-        acc = torch.tensor(rewards(texts, golds, args), dtype=torch.float32)
-        group_ids = torch.tensor([examples[r]["group"] for r in rows.tolist()])
+        acc = torch.tensor(rewards(texts, [examples[r]["answer"] for r in rows.tolist()], args))     # (n,)
+        group_ids = torch.tensor([examples[r]["group"] for r in rows.tolist()])                    # (n,)
         # DAPO's online filter: a group whose rewards are all equal has zero advantage everywhere
         # and would only dilute the token mean; drop it and sample more prompts instead
-        keep = rollout.informative_groups(acc, group_ids)
+        keep = rollout.informative_groups(acc, group_ids)                                          # (n,)
         counters["sampled_groups"] += len(examples)
         counters["zero_std_groups"] += len(examples) - int(keep.sum()) // args.group_size
         counters["reward_sum"] += float(acc.sum())
         counters["len_sum"] += float(masks.sum())
         counters["truncated"] += int(truncated.sum())
         counters["responses"] += len(rows)
-        # keep whole informative groups, up to this rank's share
-        # rows are grouped G at a time, so the first row of each group speaks for the group
+        # keep whole informative groups, up to this rank's share; rows come G at a time, so
+        # the first row of each group speaks for the group
         keep_prompts = keep.view(-1, args.group_size)[:, 0].nonzero().flatten()[:share - n_kept]
-        if len(keep_prompts) == 0:
-            continue
         keep_rows = (keep_prompts.unsqueeze(1) * args.group_size + torch.arange(args.group_size)).flatten()
-        kept.append(dict(prompts=rollout.take_rows(batch, ipr, rows[keep_rows]),
-                         responses=responses[keep_rows], mask=masks[keep_rows], acc=acc[keep_rows],
-                         group_ids=group_ids[keep_rows]))
+        if len(keep_rows):
+            prompts, row_ipr = rollout.take_rows(batch, ipr, rows[keep_rows])
+            kept.append(rollout.Rollout(prompts, row_ipr, responses[keep_rows], masks[keep_rows],
+                                        acc[keep_rows], group_ids[keep_rows]))
         n_kept += len(keep_prompts)
     counters["tries"] = tries
-    if not kept:
-        return empty_rollout()
-    pad_id = processor.tokenizer.pad_token_id
-    prompts, ipr = rollout.concat_prompt_batches([k["prompts"] for k in kept], pad_id)
-    return dict(prompts=prompts, ipr=ipr, responses=rollout.pad_right([k["responses"] for k in kept], pad_id),
-                mask=rollout.pad_right([k["mask"] for k in kept], False),
-                acc=torch.cat([k["acc"] for k in kept]), group_ids=torch.cat([k["group_ids"] for k in kept]))
-
-
-def empty_rollout():
-    """A rollout of zero rows: a rank whose groups were all filtered out still runs every
-    collective of the step (scoring, VGPO statistics, the update) with nothing in it."""
-    return dict(prompts={"input_ids": torch.zeros(0, 1, dtype=torch.long),
-                         "attention_mask": torch.zeros(0, 1, dtype=torch.long)},
-                ipr=torch.zeros(0, dtype=torch.long), responses=torch.zeros(0, 1, dtype=torch.long),
-                mask=torch.zeros(0, 1, dtype=torch.bool), acc=torch.zeros(0),
-                group_ids=torch.zeros(0, dtype=torch.long))
+    return rollout.Rollout.concat(kept, processor.tokenizer.pad_token_id)
 
 
 def vgpo_switches(args):
@@ -476,20 +223,11 @@ def token_advantages(roll, focus, switches):
     """Step 3: vgpo.vgpo_advantages on this rank's groups (zero rows give zero tensors)."""
     # an empty rollout still yields tensors of the right shape, so the step's statistics
     # all-reduce runs on this rank too (ranks must call the same collectives)
-    if len(roll["acc"]) == 0:
-        empty_rows, empty_tokens = torch.zeros(0), torch.zeros(roll["mask"].shape)
-        return empty_tokens, dict(psi=empty_tokens, alpha=empty_rows, gate=roll["mask"].clone())
-    has_image = roll["ipr"] > 0                      # (N,): prompts without an image get GRPO
-    return vgpo.vgpo_advantages(roll["acc"], roll["group_ids"], focus, roll["mask"], has_image, **switches)
-
-
-def micro_inputs(roll, rows, device):
-    """Prompt batch, responses and mask of some rows, trimmed to their longest response."""
-    prompts, _ = rollout.take_rows(roll["prompts"], roll["ipr"], rows)
-    mask = roll["mask"][rows]
-    width = max(1, int(mask.sum(dim=1).max()))
-    responses = roll["responses"][rows, :width].to(device)                  # (n, width)
-    return infra.to_device(prompts, device), responses, mask[:, :width].to(device), width
+    if len(roll) == 0:
+        empty_rows, empty_tokens = torch.zeros(0), torch.zeros(roll.mask.shape)
+        return empty_tokens, dict(psi=empty_tokens, alpha=empty_rows, gate=roll.mask.clone())
+    has_image = roll.ipr > 0                      # (N,): prompts without an image get GRPO
+    return vgpo.vgpo_advantages(roll.acc, roll.group_ids, focus, roll.mask, has_image, **switches)
 
 
 @torch.no_grad()
@@ -499,11 +237,11 @@ def score_rollouts(policy, roll, args, device, focus=True):
     # Step 2's no-grad forward of the sampling policy (the PPO 'old' policy): its log-probs
     # are the ratio's denominator, and its last-layer states give the focus scores, so focus
     # comes from the policy that wrote the responses, not from one half-way through an update.
-    logp = torch.zeros(roll["mask"].shape)
-    s = torch.zeros(roll["mask"].shape)
-    for rows in micro_batches(roll, torch.arange(len(roll["acc"])), args):
-        prompts, responses, mask, width = micro_inputs(roll, rows, device)
-        with infra.autocast(device):
+    logp = torch.zeros(roll.mask.shape)
+    s = torch.zeros(roll.mask.shape)
+    for rows in micro_batches(roll, torch.arange(len(roll)), args):
+        prompts, responses, mask, width = roll.micro(rows, device)
+        with rollout.autocast(device):
             lp, f = policy(rollout.score, prompts, responses, mask, temperature=args.temperature, focus=focus,
                            logp_chunk=args.logp_chunk)
         logp[rows, :width] = lp.float().cpu()
@@ -527,7 +265,8 @@ def micro_batches(roll, rows, args):
         return []
     if not args.micro_tokens:
         return list(rows.split(args.micro_batch))
-    lengths = (roll["prompts"]["attention_mask"].sum(1) + roll["mask"].sum(1))[rows].tolist()
+    # each row's padded cost: its prompt plus its response, in tokens
+    lengths = (roll.prompts["attention_mask"].sum(1) + roll.mask.sum(1))[rows].tolist()
     out, current, longest = [], [], 0
     for r, n in zip(rows.tolist(), lengths):
         if current and (len(current) + 1) * max(longest, n) > args.micro_tokens:
@@ -557,7 +296,7 @@ def update_policy(policy, optimizer, params, roll, args, world, device, with_kl=
     (optimizer steps) and "skipped" (of those, skipped for a non-finite gradient).
     """
     policy.train()
-    n_rows = len(roll["acc"])
+    n_rows = len(roll)
     # Mini-batches split by whole groups: a group's responses are always updated together.
     group_rows = torch.arange(n_rows).view(-1, args.group_size)         # (groups, G)
     totals = dict.fromkeys(LOGGED, 0.0)              # summed over optimizer steps, then over ranks
@@ -570,7 +309,7 @@ def update_policy(policy, optimizer, params, roll, args, world, device, with_kl=
             # micro-batches and ranks (never averaging) gives exactly the gradient of that mean,
             # whatever the micro-batch size or the number of ranks.
             # the token count of the whole global mini-batch: every rank divides by it
-            mine = float(roll["mask"][rows].sum()) if len(rows) else 0.0
+            mine = float(roll.mask[rows].sum()) if len(rows) else 0.0
             num_tokens = infra.all_reduce(torch.tensor(mine), world)
             if num_tokens.item() == 0:
                 continue
@@ -585,29 +324,31 @@ def update_policy(policy, optimizer, params, roll, args, world, device, with_kl=
                 padding = int(most) - len(micros)
             local = dict.fromkeys(LOGGED[:-1], 0.0)  # this rank's sums over its micro-batches
             for micro in micros:
-                prompts, responses, mask, width = micro_inputs(roll, micro, device)
-                with infra.autocast(device):
+                prompts, responses, mask, width = roll.micro(micro, device)
+                with rollout.autocast(device):
+                    # log π_θ of each sampled token at the sampling temperature: (n, width)
                     logp, _ = policy(rollout.score, prompts, responses, mask, temperature=args.temperature,
                                      logp_chunk=args.logp_chunk)
                 # clipped surrogate with clip-higher and dual clip, weighted by A_{i,t} = Â_i α_i ψ_{i,t}
-                loss, m = vgpo.policy_loss(logp, roll["old_logp"][micro, :width].to(device),
-                                           roll["adv"][micro, :width].to(device), mask,
+                loss, m = vgpo.policy_loss(logp, roll.old_logp[micro, :width].to(device),
+                                           roll.adv[micro, :width].to(device), mask,
                                            clip_low=args.clip_low, clip_high=args.clip_high,
                                            clip_dual=args.clip_dual, num_tokens=num_tokens)
                 # the paper trains without a KL term; with --kl_coef, k3 to the frozen starting model
                 kl = torch.zeros((), device=device)
                 if with_kl:
-                    kl_tok = vgpo.kl_penalty(logp, roll["ref_logp"][micro, :width].to(device), args.kl_kind)
+                    kl_tok = vgpo.kl_penalty(logp, roll.ref_logp[micro, :width].to(device), args.kl_kind)
                     kl = (kl_tok * mask).sum() / num_tokens
                     loss = loss + args.kl_coef * kl
+                # gradients accumulate over micro-batches: the SUM the token mean above asks for
                 loss.backward()
                 for k, v in dict(m, loss=loss.detach(), kl=kl.detach()).items():
                     if k in local:
                         local[k] += float(v)
             if padding:
-                prompts, responses, mask, _ = micro_inputs(probe, torch.arange(1), device)
+                prompts, responses, mask, _ = probe.micro(torch.arange(1), device)
             for _ in range(padding):
-                with infra.autocast(device):
+                with rollout.autocast(device):
                     logp, _ = policy(rollout.score, prompts, responses, mask, logp_chunk=args.logp_chunk)
                 (logp.sum() * 0).backward()                 # same collectives, no gradient
             # Data parallel: SUM the gradients over ranks (see the token mean above); under FSDP the
@@ -631,66 +372,23 @@ def update_policy(policy, optimizer, params, roll, args, world, device, with_kl=
     return dict(totals, updates=n_updates, skipped=skipped)
 
 
-def fsdp_probe(processor, data, args):
-    """A one-row rollout (the first training prompt with an image, one response token)
-    that FSDP ranks with fewer micro-batches run with zero loss (see update_policy). Its
-    image makes it run the vision blocks, as every training prompt under --fsdp does."""
-    for index in range(min(len(data), 100)):
-        try:
-            example = data[index]
-        except rollout.BadRowError:
-            continue
-        if example["images"]:
-            batch, ipr = rollout.encode_prompts(processor, [example], args.instruction)
-            return dict(prompts=batch, ipr=ipr, responses=torch.tensor([[processor.tokenizer.eos_token_id]]),
-                        mask=torch.ones(1, 1, dtype=torch.bool))
-    raise SystemExit(f"--fsdp: none of the first 100 rows of {args.train_data} has an image; under --fsdp "
-                     f"every training prompt needs one (see --fsdp in --help)")
-
-
 # -----------------------------------------------------------------------------
 # validation
 
-@torch.no_grad()
 def validate(policy, processor, data, args, rank, world, device):
-    """Greedy accuracy on the validation set, sharded over ranks."""
+    """Greedy accuracy on the validation set, sharded over ranks (rollout.answer_greedily,
+    the same scoring as eval.py's benchmarks)."""
     policy.eval()
-    correct, total = torch.zeros(1), torch.zeros(1)
-    # every rank scores every world-th example; the counts are summed over ranks at the end
+    # every rank answers every world-th example; the counts are summed over ranks at the end
     mine = list(range(rank, len(data), world))
-    batch_size = args.val_batch
-    for start in range(0, len(mine), batch_size):
-        examples = [data[i] for i in mine[start:start + batch_size]]
-        batch, _ = rollout.encode_prompts(processor, examples, args.instruction)
-        with infra.autocast(device):
-            responses, mask, _ = policy(rollout.generate, processor, infra.to_device(batch, device),
-                                        max_new_tokens=args.val_max_new_tokens, temperature=0)
-        # positions after the first EOS are padding whatever their value (pad may equal EOS)
-        texts = processor.batch_decode(torch.where(mask, responses, processor.tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
-        correct += sum(rollout.accuracy_rewards(texts, [ex["answer"] for ex in examples], args.bare_answers))
-        total += len(examples)
-    stats = infra.all_reduce(torch.cat([correct, total]), world)
-    return float(stats[0] / stats[1].clamp(min=1))
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-
-def check_same_run(saved, args, path, master=True):
-    """Refuse to resume with a flag that changes the run, unless --allow_changed names it."""
-    changed = {k: (saved.get(k), getattr(args, k)) for k in RUN_IDENTITY if saved.get(k) != getattr(args, k)}
-    for k in [k for k in changed if k in args.allow_changed]:
-        if master:
-            print(f"notice: --{k} changed from {changed[k][0]!r} (checkpoint) to {changed[k][1]!r} "
-                  f"(--allow_changed); the resumed run no longer matches an unbroken one")
-        del changed[k]
-    if changed:
-        lines = "\n".join(f"  --{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
-        raise SystemExit(f"{path} belongs to a different run:\n{lines}\n"
-                         f"Use the same settings to resume, a new --out_dir for a new run, or "
-                         f"--allow_changed {' '.join(changed)} to change them deliberately.")
+    correct = 0
+    for start in range(0, len(mine), args.val_batch):
+        examples = [data[i] for i in mine[start:start + args.val_batch]]
+        records = rollout.answer_greedily(policy, processor, examples, args.instruction, device=device,
+                                          max_new_tokens=args.val_max_new_tokens, bare=args.bare_answers)
+        correct += sum(r["correct"] for r in records)
+    v = infra.all_reduce_named(dict(correct=correct, total=len(mine)), world)
+    return v["correct"] / max(v["total"], 1)
 
 
 # -----------------------------------------------------------------------------
@@ -710,13 +408,14 @@ def setup(args):
                          "in CPU memory already: drop the flag")
     if args.rollout_batch % world:
         raise SystemExit(f"--rollout_batch {args.rollout_batch} is not divisible by {world} ranks")
+    # the same seed on every rank: the tiny model and any random init agree everywhere
     torch.manual_seed(args.seed)
 
     # where the run starts: a new run, or the newest complete checkpoint of this one
     resume_from = infra.start_or_resume(args, master)
     if resume_from:
         with open(os.path.join(resume_from, "vgpo_config.json")) as f:
-            check_same_run(json.load(f), args, resume_from, master)
+            config.check_same_run(json.load(f), args, resume_from, master)
     model_path = args.model
     if args.model == "tiny":                         # the embedded default, built once per out_dir
         model_path = os.path.join(args.out_dir, "tiny-init")
@@ -735,6 +434,7 @@ def setup(args):
     model, processor, attn = infra.load_model(resume_from or model_path, args, device, move=not args.fsdp)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    # training forwards never decode: no KV cache (generate() turns it on for itself)
     model.config.use_cache = False
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
@@ -747,6 +447,7 @@ def setup(args):
         if ref_policy is not None:
             infra.shard(ref_policy, device, args.fsdp_offload)
     params = [p for p in policy.parameters() if p.requires_grad]      # shards under FSDP
+    # AdamW as in the paper (lr 1e-6, weight decay 1e-2 in the preset); its state is fp32
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     # the data, checked before the first step
@@ -774,9 +475,9 @@ def setup(args):
             print(f"{resume_from}: the run is already complete (step {s.start_step}, "
                   f"{s.stream.position} prompts drawn); nothing to do")
         return None
-    s.probe = fsdp_probe(processor, train_data, args) if args.fsdp else None
+    s.probe = infra.fsdp_probe(processor, train_data, args) if args.fsdp else None
     if master:
-        start_log(args, s, sum(p.numel() for p in model.parameters()), attn, units)
+        infra.start_log(args, s, sum(p.numel() for p in model.parameters()), attn, units)
     return s
 
 
@@ -786,49 +487,25 @@ def finished(args, s, step):
     return step >= args.max_steps
 
 
-def start_log(args, s, n_params, attn, units):
-    """config.json, metrics.jsonl cut back to the checkpoint's step, and the start-up lines."""
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    # a resumed run redoes the steps after its checkpoint: drop their old log lines (and a
-    # line cut off by a crash)
-    path = os.path.join(args.out_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [ln if ln.endswith("\n") else ln + "\n" for ln in f
-                     if (row := infra.parse_log_line(ln)) is not None and row["step"] <= s.start_step]
-        with open(path, "w") as f:
-            f.writelines(lines)
-    sharding = f"FSDP2 over {s.world} ranks, {units} units + root" if args.fsdp else "full copy per rank"
-    sharding += ", CPU offload" if args.fsdp_offload else ""
-    print(f"model {args.model} ({n_params / 1e6:.2f}M params, attention: {attn}, device: {s.device}, "
-          f"world: {s.world}, weights: {sharding})")
-    print(f"train {args.train_data} ({len(s.train_data)} rows), val {args.val_data} ({len(s.val_data)}); "
-          f"VGPO intra={args.intra} inter={args.inter} compensation={args.compensation} gate={args.gate}"
-          + (f"; resuming from {s.resume_from}" if s.resume_from else ""))
-    # what generate() really does: nothing is inherited from the checkpoint's generation_config
-    print(f"sampling: {rollout.describe_sampling(args.temperature, args.top_p)}; validation: "
-          f"{rollout.describe_sampling(0, 1.0)}; {args.max_new_tokens} new tokens at most")
-    print("config: " + json.dumps(vars(args)))
-
-
 # -----------------------------------------------------------------------------
 # log: one row of named metrics a step, summed over ranks, and a few samples to read
 
 def vgpo_stats(stats, mask, focus, world):
-    """ψ / α / focus summaries for the log, over all ranks (focus early/late thirds).
+    """ψ / α / gate summaries and early / late visual focus for the log, over all ranks.
 
+    Focus is rollout.focus_profile's, the definition eval.py uses too: each response's
+    mean focus over the first and the last third of its tokens, averaged over responses.
     Called on every rank, with an empty rollout too (its sums are zero): the all-reduce
     must run everywhere. When no rank kept a group there is nothing to report.
     """
     m = mask.float()                                             # (N, T)
-    x = vgpo.relative_position(mask)                             # (N, T): 0 at the first token, 1 at the last
-    early, late = m * (x < 1 / 3), m * (x >= 2 / 3)
+    thirds = rollout.focus_profile(focus, mask)                  # (N, 3): early, middle, late
+    early, late = thirds[:, 0], thirds[:, 2]                     # (N,) each, nan if no such token
     v = infra.all_reduce_named(dict(
         psi=(stats["psi"] * m).sum(), psi_sq=((stats["psi"] - 1) ** 2 * m).sum(), tokens=m.sum(),
         alpha=stats["alpha"].sum(), alpha_sq=((stats["alpha"] - 1) ** 2).sum(), responses=len(stats["alpha"]),
-        early=(focus * early).sum(), n_early=early.sum(), late=(focus * late).sum(), n_late=late.sum(),
+        early=early.nansum(), n_early=(~early.isnan()).sum(),
+        late=late.nansum(), n_late=(~late.isnan()).sum(),
         gate=(stats["gate"].float() * m).sum()), world)
     if v["tokens"] == 0:
         return {}
@@ -841,7 +518,7 @@ def vgpo_stats(stats, mask, focus, world):
 def step_row(args, s, step, counters, roll, stats, focus, update, lr):
     """The step's metrics row, every number reduced over ranks by name."""
     tries = counters.pop("tries")                    # the same on every rank: not summed
-    counters["kept_groups"] = len(roll["acc"]) // args.group_size
+    counters["kept_groups"] = len(roll) // args.group_size
     c = infra.all_reduce_named(counters, s.world)
     s.totals["bad_rows"] += c["bad_rows"]
     infra.check_training_data(s.totals, c, s.train_data, args, s.world)   # stops on unusable data
@@ -854,40 +531,34 @@ def step_row(args, s, step, counters, roll, stats, focus, update, lr):
                skipped_updates=s.skipped, lr=lr)
     if update["updates"]:                            # means over the step's optimizer steps
         row.update({k: v / update["updates"] for k, v in update.items() if k != "updates"})
-    row.update(vgpo_stats(stats, roll["mask"], focus, s.world))
+    row.update(vgpo_stats(stats, roll.mask, focus, s.world))
     return row
 
 
 def write_samples(args, s, step, roll, stats, n=4):
     """samples.jsonl: a few responses of this step, with reward, GRPO advantage Â, α and the
     mean token advantage, because RL is debugged by reading what the model wrote."""
-    if not s.master or len(roll["acc"]) == 0:
+    if not s.master or len(roll) == 0:
         return
-    rows = torch.arange(min(n, len(roll["acc"])))
+    rows = torch.arange(min(n, len(roll)))
     pad_id = s.processor.tokenizer.pad_token_id
-    texts = s.processor.batch_decode(torch.where(roll["mask"][rows], roll["responses"][rows], pad_id),
+    texts = s.processor.batch_decode(torch.where(roll.mask[rows], roll.responses[rows], pad_id),
                                      skip_special_tokens=True)
-    mask = roll["mask"][rows].float()
+    mask = roll.mask[rows].float()
     with open(os.path.join(args.out_dir, "samples.jsonl"), "a") as f:
         for k, text in zip(rows.tolist(), texts):
             f.write(json.dumps(dict(
-                step=step, group=int(roll["group_ids"][k]), response=text, reward=float(roll["acc"][k]),
+                step=step, group=int(roll.group_ids[k]), response=text, reward=float(roll.acc[k]),
                 grpo_advantage=float(stats["grpo"][k]), alpha=float(stats["alpha"][k]),
-                token_advantage_mean=float((roll["adv"][k] * mask[k]).sum() / mask[k].sum()))) + "\n")
-
-
-def print_row(bar, row):
-    bar.write(f"step {row['step']:4d} | epoch {row['epoch']:.2f} | acc {row['acc']:.3f} | "
-              f"len {row['response_len']:.1f} | groups kept {row['kept_groups']}/{row['sampled_groups']} | "
-              f"loss {row.get('loss', float('nan')):+.4f} | "
-              + (f"val_acc {row['val_acc']:.3f} | " if "val_acc" in row else "")
-              + f"{row['time']:.1f}s | {row['peak_mem_gb']:.2f} GB")
-    if row.get("replica_divergence", 0) > 0:         # every rank applied the same gradient: a bug
-        bar.write(f"WARNING: ranks disagree on the weights by {row['replica_divergence']:.3g}")
+                token_advantage_mean=float((roll.adv[k] * mask[k]).sum() / mask[k].sum()))) + "\n")
 
 
 # -----------------------------------------------------------------------------
 # main: the loop
+
+def parse_args(argv=None):
+    return config.parse_args(argv, description=__doc__)
+
 
 def main(argv=None):
     args = parse_args(argv)
@@ -922,11 +593,11 @@ def train(args, s, stop):
             old_logp, focus = score_rollouts(s.policy, roll, args, s.device)     # (N, T) each
         if s.ref_policy is not None:
             with infra.full_weights(s.ref_policy):
-                roll["ref_logp"], _ = score_rollouts(s.ref_policy, roll, args, s.device, focus=False)
+                roll.ref_logp, _ = score_rollouts(s.ref_policy, roll, args, s.device, focus=False)
 
         # ---- advantages ----
         adv, stats = token_advantages(roll, focus, vgpo_switches(args))       # (N, T): Â · α · ψ
-        roll.update(old_logp=old_logp, adv=adv)
+        roll.old_logp, roll.adv = old_logp, adv
 
         # ---- update ----
         lr = lr_at(step, s.total_steps, args)
@@ -954,7 +625,7 @@ def train(args, s, stop):
             row["replica_divergence"] = infra.replica_divergence(s.params, s.world)
         bar.update(1)
         if s.master:                                 # the log line first: a resume drops lines after its step
-            print_row(bar, row)
+            infra.print_row(bar, row)
             with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
         write_samples(args, s, step, roll, stats)

@@ -1,0 +1,258 @@
+"""
+train.py's flags and presets: every setting of a run, with the paper's symbol and value.
+
+    config.parse_args(["--preset", "paper7b"])   # the paper's 7B recipe; explicit flags still win
+
+The defaults are the embedded tiny preset (a CPU run of a few minutes); PRESETS holds the
+paper's recipe as a plain dict of flag values. RUN_IDENTITY names the settings a resumed
+run must share with its checkpoint (check_same_run).
+"""
+
+import argparse
+
+import infra
+import rollout
+import vgpo
+
+# -----------------------------------------------------------------------------
+# configuration: defaults are the embedded tiny preset; --preset paper7b is the paper's
+
+PRESETS = {
+    # The paper's 7B recipe (VGPO.md, "The paper's 7B recipe"), one node of 8 x 80 GB.
+    "paper7b": dict(
+        model="Qwen/Qwen2.5-VL-7B-Instruct",
+        # data as it is on the hub: PAPO_MMK12_test's only split is "train"
+        train_data="PAPOGalaxy/PAPO_ViRL39K_train", train_split="train",
+        val_data="PAPOGalaxy/PAPO_MMK12_test", val_split="train",
+        # the instruction PAPO_eval's questions end with: trained and scored the same way
+        instruction=rollout.INSTRUCTION, bare_answers=False,
+        # rollout: 512 prompts x G = 8 at temperature 1.0, top-p 0.99, DAPO resampling
+        rollout_batch=512, group_size=8, temperature=1.0, top_p=0.99, max_tries=4,
+        max_prompt_len=4096, max_new_tokens=2048, min_pixels=262144, max_pixels=4194304,
+        # update: mini-batch 128 prompts, 2 epochs, AdamW 1e-6, no KL, grad clip 1.0
+        mini_batch=128, ppo_epochs=1, epochs=2, max_steps=-1,
+        lr=1e-6, weight_decay=1e-2, grad_clip=1.0, kl_coef=0.0,
+        # VGPO: β, κ, γ as published; every switch on (the defaults)
+        beta=0.3, kappa=0.2, gamma=0.5,
+        # memory: 32 sequences a generate() call and 4 a forward fit 80 GB at the longest
+        # prompt and response (the plan printed at start-up; infra.memory_plan)
+        micro_batch=4, gen_batch=32, val_batch=32,
+        gradient_checkpointing=True, freeze_vision=False, fsdp=True,
+        val_every=5, save_every=10, val_size=-1, val_max_new_tokens=2048,
+    ),
+}
+
+
+def build_parser(description=""):
+    p = argparse.ArgumentParser(description=description, formatter_class=infra.HelpFormatter)
+    # ---- flags, under banners; --help shows each one's default ----
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a named recipe; flags given on the command line still win")
+    g.add_argument("--out_dir", default="out", help="metrics.jsonl, config.json and checkpoints/ go here")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in <out_dir>/checkpoints (fresh if "
+                        "there is no run)")
+    g.add_argument("--max_steps", type=int, default=120,
+                   help="training steps; -1 = until --epochs passes of prompts have been drawn")
+    g.add_argument("--epochs", type=float, default=1.0,
+                   help="with --max_steps -1: passes over the training prompts, counted in prompts drawn "
+                        "(paper: 2)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the tiny model, the data order and the sampling")
+    g.add_argument("--save_every", type=int, default=40,
+                   help="checkpoint every N steps (and always at the end); 0 = only at the end")
+    g.add_argument("--val_every", type=int, default=20,
+                   help="validate every N steps (and always at the end); 0 = only at the end")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny",
+                   help="hub id or folder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint; 'tiny' = the "
+                        "embedded model")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute activations in backward to save memory (paper: on)")
+    g.add_argument("--freeze_vision", action=argparse.BooleanOptionalAction, default=False,
+                   help="do not train the vision tower (paper: trained)")
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
+                   help="under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2; see "
+                        "README)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--train_data", default="synthetic",
+                   help="hub dataset id, local .parquet/.json/.jsonl file or folder, or 'synthetic'")
+    g.add_argument("--train_split", default="train", help="split of --train_data (hub ids and folders)")
+    g.add_argument("--val_data", default="synthetic",
+                   help="as --train_data; 'synthetic' = a held-out set of the counting task")
+    g.add_argument("--val_split", default="test", help="split of --val_data")
+    g.add_argument("--val_size", type=int, default=200, help="validation examples (-1 = the whole set)")
+    g.add_argument("--val_batch", type=int, default=100,
+                   help="prompts per greedy generate() call in validation")
+    g.add_argument("--val_max_new_tokens", type=int, default=2,
+                   help="longest validation response (paper: 2048)")
+    g.add_argument("--skip_bad_rows", action="store_true",
+                   help="skip (and count) rows with a missing image or answer instead of stopping")
+    g.add_argument("--max_prompt_len", type=int, default=512,
+                   help="prompts longer than this (tokens, images included) are dropped and counted, never "
+                        "truncated")
+    g.add_argument("--min_pixels", type=int, default=0,
+                   help="resize images to at least this many pixels (0 = processor default; paper 262144)")
+    g.add_argument("--max_pixels", type=int, default=0,
+                   help="resize images to at most this many pixels (0 = processor default; paper 4194304)")
+    g.add_argument("--instruction", default="",
+                   help="appended to every problem (paper preset: reason in <think></think>, answer in "
+                        "\\boxed{})")
+    g.add_argument("--reward", default="accuracy",
+                   help="accuracy (the paper's: the last \\boxed{} graded), or module:function(texts, golds) "
+                        "-> floats")
+    g.add_argument("--bare_answers", action=argparse.BooleanOptionalAction, default=True,
+                   help="take the last number when there is no \\boxed{} (synthetic task: a random model "
+                        "cannot box)")
+
+    # the paper's symbol and value are in each help text; defaults are the tiny preset's
+    g = p.add_argument_group("rollout")
+    g.add_argument("--rollout_batch", type=int, default=32,
+                   help="prompts per step, all ranks together (paper: 512)")
+    g.add_argument("--group_size", type=int, default=8, help="G, responses sampled per prompt (paper: 8)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (paper: 0.99)")
+    g.add_argument("--max_new_tokens", type=int, default=2, help="longest response (paper: 2048)")
+    g.add_argument("--max_tries", type=int, default=4,
+                   help="DAPO dynamic sampling: rounds of sampling to fill the batch with informative groups")
+    g.add_argument("--gen_batch", type=int, default=512,
+                   help="sequences per generate() call: sets the KV cache (see the memory plan; paper7b: 32)")
+
+    g = p.add_argument_group("VGPO (paper defaults)")
+    g.add_argument("--no_vgpo", action="store_true",
+                   help="plain DAPO/GRPO: turns intra, inter, compensation and gate off")
+    g.add_argument("--intra", action=argparse.BooleanOptionalAction, default=True,
+                   help="intra-trajectory re-weighting ψ (Eq. 7-8)")
+    g.add_argument("--inter", action=argparse.BooleanOptionalAction, default=True,
+                   help="inter-trajectory re-weighting α (Eq. 9-11)")
+    g.add_argument("--compensation", action=argparse.BooleanOptionalAction, default=True,
+                   help="visual attention compensation c (Eq. 5)")
+    g.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
+                   help="visual gate G (Eq. 6)")
+    g.add_argument("--beta", type=float, default=0.3, help="β, compensation strength (Eq. 5; paper 0.3)")
+    g.add_argument("--kappa", type=float, default=0.2,
+                   help="κ, fraction of tail tokens the gate opens (Eq. 6; paper 0.2)")
+    g.add_argument("--gamma", type=float, default=0.5,
+                   help="γ, where the tail starts, as a fraction of the response (Eq. 6; paper 0.5)")
+    g.add_argument("--schedule", default="linear", choices=vgpo.SCHEDULES,
+                   help="compensation schedule (Eq. 5; paper: linear)")
+
+    g = p.add_argument_group("update")
+    g.add_argument("--mini_batch", type=int, default=32,
+                   help="prompts per optimizer step, all ranks together (paper: 128)")
+    g.add_argument("--micro_batch", type=int, default=64,
+                   help="sequences per forward/backward on one rank (memory only: the gradient does not "
+                        "depend on it)")
+    g.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch")
+    g.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (paper: 1e-6)")
+    g.add_argument("--warmup_steps", type=int, default=0,
+                   help="steps of linear warm-up from 0 to --lr (paper: 0)")
+    g.add_argument("--lr_schedule", default="constant", choices=["constant", "linear", "cosine"],
+                   help="after warm-up: constant (paper), or a linear / cosine decay to 0 at the last step")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (paper: 1e-2)")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (paper: 1.0)")
+    g.add_argument("--clip_low", type=float, default=0.2, help="ε_low of the clipped ratio (paper: 0.2)")
+    g.add_argument("--clip_high", type=float, default=0.28, help="ε_high, DAPO clip-higher (paper: 0.28)")
+    g.add_argument("--kl_coef", type=float, default=0.0,
+                   help="KL-to-reference coefficient; 0 = off (paper: off; 1e-2 when on)")
+
+    # rarely changed: kernels, column names, data safety limits, resume overrides, logging,
+    # memory knobs that do not change the result, and the exotic schedule parameters
+    g = p.add_argument_group("advanced")
+    g.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa", "eager"],
+                   help="attention kernel; auto = flash_attention_2 when importable on GPU, else sdpa")
+    g.add_argument("--trust_remote_code", action="store_true",
+                   help="allow model code from the hub (off unless asked for)")
+    g.add_argument("--fsdp_offload", action="store_true",
+                   help="with --fsdp: keep the shards, gradients and AdamW state in CPU memory (slower)")
+    g.add_argument("--problem_key", default="problem",
+                   help="column of the problem text, with <image> placeholders")
+    g.add_argument("--answer_key", default="answer", help="column of the gold answer")
+    g.add_argument("--images_key", default="images", help="column of the images: paths, bytes or PIL images")
+    g.add_argument("--allow_outside_paths", action="store_true",
+                   help="let image paths in a data file be absolute or lead out of the file's folder with ..")
+    g.add_argument("--max_bad_fraction", type=float, default=0.1,
+                   help="with --skip_bad_rows: stop when more than this share of the rows read are bad")
+    g.add_argument("--allow_changed", nargs="+", default=[], metavar="FLAG",
+                   help="with --resume: run-defining flags allowed to differ from the checkpoint's (e.g. "
+                        "lr), logged")
+    g.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
+                   help="also send the metrics to TensorBoard (<out_dir>/tensorboard) or W&B; metrics.jsonl "
+                        "is always written")
+    g.add_argument("--wandb_project", default="vgpo",
+                   help="the Weights & Biases project of --report_to wandb")
+    g.add_argument("--micro_tokens", type=int, default=0,
+                   help="pack micro-batches up to this many padded tokens instead of --micro_batch rows (0 = "
+                        "off)")
+    g.add_argument("--logp_chunk", type=int, default=512,
+                   help="response positions per checkpointed lm_head block; bounds the logits memory (0 = "
+                        "one block)")
+    g.add_argument("--comp_start", type=float, default=0.0,
+                   help="s0, relative position where compensation starts (paper 0)")
+    g.add_argument("--exponent", type=float, default=2.0, help="p of the exp schedule")
+    g.add_argument("--step_at", type=float, default=0.5,
+                   help="relative position where the step schedule switches on")
+    g.add_argument("--kl_kind", default="low_var_kl", choices=["k1", "k2", "low_var_kl"],
+                   help="KL estimator (low_var_kl = k3)")
+    g.add_argument("--clip_dual", type=float, default=3.0,
+                   help="c, dual-clip bound for negative advantages (paper: 3.0)")
+    g.add_argument("--keep_last", type=int, default=0,
+                   help="keep only the N newest checkpoints (0 = keep all)")
+    return p
+
+
+# settings that define a run: resuming with any of these changed is refused
+RUN_IDENTITY = ("model", "train_data", "train_split", "problem_key", "answer_key", "images_key",
+                "skip_bad_rows", "seed", "instruction", "bare_answers", "min_pixels", "max_pixels",
+                "max_prompt_len", "group_size", "rollout_batch", "mini_batch", "temperature", "top_p",
+                "max_new_tokens", "max_tries", "intra", "inter", "compensation", "gate", "beta", "kappa",
+                "gamma", "schedule", "comp_start", "exponent", "step_at", "ppo_epochs", "lr",
+                "weight_decay", "grad_clip", "clip_low", "clip_high", "clip_dual", "kl_coef", "kl_kind",
+                "freeze_vision", "fsdp", "val_data", "val_split", "val_size", "val_max_new_tokens", "reward",
+                "warmup_steps", "lr_schedule")
+
+
+def parse_args(argv=None, description=""):
+    """Parse flags; a --preset replaces the defaults, explicit flags still win."""
+    parser = build_parser(description)
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    if args.no_vgpo:
+        args.intra = args.inter = args.compensation = args.gate = False
+    if args.max_steps == 0:
+        parser.error("--max_steps 0 trains nothing; give a positive number, or -1 for --epochs passes")
+    for name in ("rollout_batch", "mini_batch", "micro_batch", "max_new_tokens", "max_tries", "gen_batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.group_size < 2:
+        parser.error("--group_size must be >= 2: GRPO compares each response with its group")
+    if args.fsdp_offload and not args.fsdp:
+        parser.error("--fsdp_offload needs --fsdp")
+    unknown = [k for k in args.allow_changed if k not in RUN_IDENTITY]
+    if unknown:
+        parser.error(f"--allow_changed {unknown}: not a run-defining flag; those are "
+                     f"{', '.join(RUN_IDENTITY)}")
+    if args.rollout_batch % args.mini_batch:
+        parser.error(f"--rollout_batch {args.rollout_batch} is not a multiple of "
+                     f"--mini_batch {args.mini_batch}")
+    return args
+
+
+def check_same_run(saved, args, path, master=True):
+    """Refuse to resume with a flag that changes the run, unless --allow_changed names it."""
+    changed = {k: (saved.get(k), getattr(args, k)) for k in RUN_IDENTITY if saved.get(k) != getattr(args, k)}
+    for k in [k for k in changed if k in args.allow_changed]:
+        if master:
+            print(f"notice: --{k} changed from {changed[k][0]!r} (checkpoint) to {changed[k][1]!r} "
+                  f"(--allow_changed); the resumed run no longer matches an unbroken one")
+        del changed[k]
+    if changed:
+        lines = "\n".join(f"  --{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
+        raise SystemExit(f"{path} belongs to a different run:\n{lines}\n"
+                         f"Use the same settings to resume, a new --out_dir for a new run, or "
+                         f"--allow_changed {' '.join(changed)} to change them deliberately.")
