@@ -20,12 +20,16 @@ Sections 3-5 (each case in a fresh child process, so its peak memory is its own)
 6. the same rollout under --fsdp (FSDP2 units with their weights gathered, as train.py
    samples) vs the plain model, in a one-rank process group: the cost of FSDP's hooks
    on every decoding step.
+7. (--vgpo_vs_dapo N, on its own) the embedded default trained with VGPO and with
+   --no_vgpo for N seeds each: accuracy, steps to 0.8, blank-image accuracy, late/early
+   visual focus, mean and spread over seeds, and docs/vgpo_vs_dapo.png.
 Peak memory is the process's peak resident set (CPU) or peak allocated memory (GPU).
 Record the figures in BENCHMARKS.md with the machine and the command.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -48,6 +52,11 @@ parser.add_argument("--hidden", type=int, default=3584, help="D for the visual_f
 parser.add_argument("--focus_tokens", type=int, default=512, help="T for the visual_focus benchmark")
 parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each vectorised call (median reported)")
 parser.add_argument("--skip_children", action="store_true", help="only sections 1-2 (the math)")
+parser.add_argument("--vgpo_vs_dapo", type=int, default=0, metavar="SEEDS",
+                    help="only section 7: python train.py with VGPO and with --no_vgpo for seeds 0..SEEDS-1, "
+                         "each scored by eval.py; prints the table and writes docs/vgpo_vs_dapo.png")
+parser.add_argument("--runs_dir", default="runs", help="section 7's run folders (finished runs are reused)")
+parser.add_argument("--jobs", type=int, default=1, help="section 7: runs at once, sharing the CPU threads")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)   # internal: run one case
 args = parser.parse_args()
 torch.manual_seed(0)
@@ -190,6 +199,117 @@ def timed(fn, repeats):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+# -----------------------------------------------------------------------------
+# 7. (--vgpo_vs_dapo N) the paper's claim at laptop scale: the embedded default trained
+#    with VGPO and with --no_vgpo (DAPO) for N seeds each, every final checkpoint scored
+#    by eval.py (blank images, visual focus), one table and one figure.
+
+def run_quietly(cmd, threads, log):
+    """Run one command with `threads` torch threads, its output to `log`; stop if it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TRANSFORMERS_VERBOSITY="error")
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def read_run(out):
+    """What one run logged: the validation curve (step 0 = the warm start) and summaries."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    val = [(0, rows[0]["start_val_acc"], rows[0].get("start_val_focus_ratio"))]
+    val += [(r["step"], r["val_acc"], r.get("val_focus_ratio")) for r in rows if "val_acc" in r]
+    reach = next((step for step, acc, _ in val if acc >= 0.8), None)
+    summary = json.load(open(os.path.join(infra.latest_checkpoint(out), "eval", "summary.json")))["validation"]
+    ratio = lambda k: summary.get(k, {}).get("late_over_early", float("nan"))
+    return dict(curve=val, start=val[0][1], final=val[-1][1], best=max(acc for _, acc, _ in val[1:]),
+                reach=reach, minutes=sum(r["time"] for r in rows) / 60,
+                length=statistics.mean(r["response_len"] for r in rows[-10:]),
+                blank=summary["accuracy_blank"], ratio_right=ratio("focus_correct"),
+                ratio_wrong=ratio("focus_wrong"))
+
+
+def mean_sd(values):
+    values = [v for v in values if v is not None and v == v]          # drop None and nan
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def vgpo_vs_dapo(seeds, runs_dir, jobs):
+    methods = {"VGPO": [], "DAPO": ["--no_vgpo"]}
+    todo = [(m, s) for s in range(seeds) for m in methods
+            if not os.path.exists(os.path.join(runs_dir, f"{m.lower()}-{s}", "eval_done"))]
+    threads = max(1, 2 // jobs) if torch.get_num_threads() <= 2 else max(1, torch.get_num_threads() // jobs)
+    running = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            method, seed = todo.pop(0)
+            out = os.path.join(runs_dir, f"{method.lower()}-{seed}")
+            os.makedirs(out, exist_ok=True)
+            # train (resumed if it was cut off), then score the final checkpoint with eval.py
+            cmd = (f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume {' '.join(methods[method])}"
+                   f" && {sys.executable} eval.py --ckpt {out} --image_ablation blank --focus"
+                   f" && touch {out}/eval_done")
+            print(f"{method} seed {seed}: {out} ({threads} threads)", flush=True)
+            running.append((run_quietly(["bash", "-c", cmd], threads, os.path.join(out, "log.txt")), out))
+        time.sleep(5)
+        for proc, out in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, out))
+                if proc.returncode:
+                    raise SystemExit(f"{out} failed; see {out}/log.txt")
+    results = {m: [read_run(os.path.join(runs_dir, f"{m.lower()}-{s}")) for s in range(seeds)] for m in methods}
+
+    print(f"\nthe embedded default (python train.py), {seeds} seeds each: mean ± sd over seeds")
+    head = ["method", "warm start acc", "final val acc", "best val acc", "steps to 0.8", "late/early right",
+            "late/early wrong", "blank-image acc", "response tokens", "minutes"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for m, runs in results.items():
+        keys = ("start", "final", "best", "reach", "ratio_right", "ratio_wrong", "blank", "length", "minutes")
+        print(f"| {m} | " + " | ".join(mean_sd([r[k] for r in runs]) for k in keys) + " |")
+    for k in ("final", "reach"):
+        # the difference of two means of `seeds` runs has a standard error of sqrt(sd1²/n + sd2²/n):
+        # a difference under about twice that is within seed-to-seed noise
+        a, b = ([r[k] for r in results[m] if r[k] is not None] for m in methods)
+        if len(a) > 1 and len(b) > 1:
+            se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+            print(f"{k}: VGPO - DAPO = {statistics.mean(a) - statistics.mean(b):+.3f}, standard error {se:.3f} "
+                  f"(resolvable: |difference| > {2 * se:.3f})")
+    for m, runs in results.items():
+        print(f"{m} per seed: final " + ", ".join(f"{r['final']:.3f}" for r in runs)
+              + "; steps to 0.8 " + ", ".join(str(r["reach"]) for r in runs))
+    plot_vgpo_vs_dapo(results, "docs/vgpo_vs_dapo.png")
+    print("wrote docs/vgpo_vs_dapo.png")
+
+
+def plot_vgpo_vs_dapo(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for (method, runs), colour in zip(results.items(), ("tab:red", "tab:blue")):
+        steps = [step for step, _, _ in runs[0]["curve"]]
+        for ax, k in zip(axes, (1, 2)):
+            # mean over seeds, and the band from the lowest to the highest seed
+            values = torch.tensor([[float("nan") if p[k] is None else p[k] for p in r["curve"]] for r in runs])
+            ax.plot(steps, values.nanmean(0), color=colour, marker="o", label=f"{method} ({len(runs)} seeds)")
+            ax.fill_between(steps, values.min(0).values, values.max(0).values, color=colour, alpha=0.2)
+    axes[0].set_ylabel("validation accuracy (greedy)")
+    axes[1].set_ylabel("late / early visual focus (validation answers)")
+    for ax in axes:
+        ax.set_xlabel("RL step (0 = the warm start)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("python train.py: VGPO vs DAPO (--no_vgpo), mean and min-max over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if args.vgpo_vs_dapo:
+    vgpo_vs_dapo(args.vgpo_vs_dapo, args.runs_dir, args.jobs)
+    sys.exit(0)
 
 
 rows = []  # (what, fast seconds, slow seconds)

@@ -24,6 +24,7 @@ import shutil
 import signal
 import threading
 import zipfile
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -398,12 +399,85 @@ def plan_memory(path, args, world, device):
 
 
 # -----------------------------------------------------------------------------
+# ---- the embedded default's starting policy ----: a supervised warm start
+
+def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_every=2, max_steps=300,
+               target=0.4):
+    """Write `model_path` after a short supervised warm start on the colour task to `out_path`.
+
+    The stand-in for "-Instruct": the paper starts RL from Qwen2.5-VL-7B-Instruct, a policy
+    that already answers in the expected format. Here the tiny random model is trained with
+    teacher-forced cross-entropy on the task's full solutions ("\\boxed{r2g1b3}" + EOS)
+    until it follows the format and its greedy accuracy on 64 held-out examples reaches
+    `target` (checked every `check_every` steps): then it stops, clearly imperfect on the
+    answer, so that RL has most of the way still to go.
+
+    Deterministic from --seed: it trains on task seed + 20_000 (neither the RL training
+    set, seed + 0, nor validation, seed + 10_000) and checks on seed + 30_000, in order,
+    after torch.manual_seed(seed). Prompts are built as training builds them
+    (rollout.encode_prompts with --instruction), and the loss is -log p from rollout.score,
+    the forward RL scores with. Written to a temporary folder, then renamed (atomic);
+    skipped when out_path already holds a model. Returns (out_path, steps, accuracy).
+    """
+    from tqdm import tqdm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if os.path.exists(os.path.join(out_path, "model.safetensors")):
+        with open(os.path.join(out_path, "warm_start.json")) as f:
+            info = json.load(f)
+        return out_path, info["steps"], info["accuracy"]
+    torch.manual_seed(args.seed)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(model_path)
+    tokenizer = processor.tokenizer
+    train = tiny.ColourCountingTask(args.seed + 20_000, batch * max_steps)
+    checks = [tiny.colour_example(args.seed + 30_000, i) for i in range(64)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    cpu, accuracy = torch.device("cpu"), 0.0
+    bar = tqdm(total=max_steps, desc="warm start", unit="step", disable=not master, dynamic_ncols=True)
+    for step in range(1, max_steps + 1):
+        examples = [train[i] for i in range((step - 1) * batch, step * batch)]
+        # the targets: each solution then the EOS, right-padded as rollout.generate returns responses
+        targets = [tokenizer(ex["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                   for ex in examples]
+        width = max(map(len, targets))
+        responses = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in targets])  # (B, W)
+        mask = torch.arange(width) < torch.tensor([len(t) for t in targets]).unsqueeze(1)           # (B, W)
+        model.train()
+        prompts, _ = rollout.encode_prompts(processor, examples, args.instruction)
+        logp, _ = rollout.score(model, prompts, responses, mask)                                    # (B, W)
+        loss = -(logp * mask).sum() / mask.sum()           # mean cross-entropy over response tokens
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        bar.update(1)
+        if step % check_every == 0:
+            model.eval()
+            records = rollout.answer_greedily(Policy(model), processor, checks, args.instruction,
+                                              max_new_tokens=args.val_max_new_tokens, bare=False, device=cpu)
+            accuracy = sum(r["correct"] for r in records) / len(records)
+            bar.set_postfix(loss=f"{loss.item():.3f}", held_out_acc=f"{accuracy:.2f}")
+            if accuracy >= target:
+                break
+    bar.close()
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, "warm_start.json"), "w") as f:
+        json.dump(dict(steps=step, accuracy=accuracy, target=target, batch=batch, lr=lr), f)
+    os.replace(tmp, out_path)                  # atomic: nobody ever loads half a model
+    return out_path, step, accuracy
+
+
+# -----------------------------------------------------------------------------
 # ---- data ----: opening, the order prompts are drawn in, and the checks at start-up
 
 def open_data(source, split, args, seed_offset, size):
-    """'synthetic' -> the counting task; anything else -> rollout.Rows over a table."""
+    """'synthetic' -> the --task of tiny.py; anything else -> rollout.Rows over a table."""
     if source == "synthetic":
-        return tiny.CountingTask(args.seed + seed_offset, 1_000_000 if size < 0 else size)
+        task = tiny.ColourCountingTask if getattr(args, "task", "count") == "colour" else tiny.CountingTask
+        return task(args.seed + seed_offset, 1_000_000 if size < 0 else size)
     table = rollout.load_table(source, split, (args.problem_key, args.answer_key, args.images_key))
     if size > 0:
         table = table.select(range(min(size, len(table))))
@@ -727,6 +801,111 @@ def start_or_resume(args, master):
 
 
 # -----------------------------------------------------------------------------
+# ---- set-up ----: processes, the policy, the data, and the step a resumed run starts at
+
+def setup_run(args, check_same_run):
+    """train.py's set-up. Everything the loop needs, as one namespace `s`: ranks, the policy (sharded under
+    --fsdp), the optimizer, both data sets (checked), the prompt stream, and the step a
+    resumed run continues from (after check_same_run(saved_config, args, path, master) allows
+    it). None when a resumed run has nothing left to do."""
+    if args.fsdp and "RANK" not in os.environ:
+        raise SystemExit("--fsdp shards over the ranks of torchrun: start with `torchrun --nproc_per_node N "
+                         "train.py --fsdp ...` (N = 1 is allowed, e.g. with --fsdp_offload)")
+    rank, _, world, device = setup_distributed()
+    master = rank == 0
+    if args.fsdp_offload and device.type != "cuda":
+        raise SystemExit("--fsdp_offload moves the shards from GPU to CPU memory; without a GPU they are "
+                         "in CPU memory already: drop the flag")
+    if args.rollout_batch % world:
+        raise SystemExit(f"--rollout_batch {args.rollout_batch} is not divisible by {world} ranks")
+    # the same seed on every rank: the tiny model and any random init agree everywhere
+    torch.manual_seed(args.seed)
+
+    # where the run starts: a new run, or the newest complete checkpoint of this one
+    resume_from = start_or_resume(args, master)
+    if resume_from:
+        with open(os.path.join(resume_from, "vgpo_config.json")) as f:
+            check_same_run(json.load(f), args, resume_from, master)
+    model_path = args.model
+    if args.model == "tiny":                         # the embedded default, built once per out_dir
+        model_path = os.path.join(args.out_dir, "tiny-init")
+        if master:
+            tiny.build_tiny_model(model_path, seed=args.seed)
+            # the colour task starts RL from a policy that writes its format, as the paper
+            # starts from an -Instruct model: a short supervised warm start (warm_start)
+            if args.task == "colour" and args.train_data == "synthetic":
+                _, steps, acc = warm_start(model_path, model_path + "-warm", args, master)
+                print(f"warm start: {steps} supervised steps, held-out greedy accuracy {acc:.2f}")
+        if world > 1:
+            dist.barrier()
+        if args.task == "colour" and args.train_data == "synthetic":
+            model_path += "-warm"                    # the policy and the --kl_coef reference
+    # the memory plan comes before loading: a 7B model takes minutes to load, a wrong
+    # --gen_batch should not
+    plan, capacity = plan_memory(resume_from or model_path, args, world, device)
+    if master:
+        print(format_plan(plan, capacity))
+    check_memory(plan, capacity, args)
+
+    # the policy; the reference (for --kl_coef) is the starting model, never trained
+    model, processor, attn = load_model(resume_from or model_path, args, device, move=not args.fsdp)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    # training forwards never decode: no KV cache (generate() turns it on for itself)
+    model.config.use_cache = False
+    if args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    policy, ref_policy, units = Policy(model), None, 0
+    if args.kl_coef > 0:
+        ref_model, _, _ = load_model(model_path, args, device, move=not args.fsdp)
+        ref_policy = Policy(ref_model.requires_grad_(False))
+    if args.fsdp:
+        units = shard(policy, device, args.fsdp_offload)
+        if ref_policy is not None:
+            shard(ref_policy, device, args.fsdp_offload)
+    params = [p for p in policy.parameters() if p.requires_grad]      # shards under FSDP
+    # AdamW as in the paper (lr 1e-6, weight decay 1e-2 in the preset); its state is fp32
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+    # the data, checked before the first step
+    train_data = open_data(args.train_data, args.train_split, args, seed_offset=0, size=-1)
+    val_data = open_data(args.val_data, args.val_split, args, seed_offset=10_000, size=args.val_size)
+    checked_training(train_data, args, master)
+    val_data = checked_validation(val_data, args, rank, world, master)
+    s = SimpleNamespace(rank=rank, world=world, device=device, master=master, policy=policy,
+                        ref_policy=ref_policy, processor=processor, params=params, optimizer=optimizer,
+                        train_data=train_data, val_data=val_data, resume_from=resume_from,
+                        stream=PromptStream(len(train_data), args.seed), start_step=0, skipped=0,
+                        totals=dict(bad_rows=0, drawn=0))   # rows read and skipped by this process
+    # The run ends after --max_steps steps, or (--max_steps -1) once --epochs passes of
+    # prompts have been DRAWN: dynamic sampling draws more than rollout_batch prompts in a
+    # step when groups are filtered out, so an epoch is counted in prompts, not in steps.
+    s.total_prompts = math.ceil(args.epochs * len(train_data))
+    # a decaying --lr_schedule needs the number of steps; by epochs it is an estimate
+    s.total_steps = math.ceil(s.total_prompts / args.rollout_batch) if args.max_steps < 0 else args.max_steps
+    if resume_from:
+        state = load_optimizer(policy, optimizer, resume_from, args)
+        s.start_step, s.stream.position = state["step"], state["data_position"]
+        s.skipped = state["last_metrics"].get("skipped_updates", 0)     # a running count in the log
+    if finished(args, s, s.start_step):
+        if master:
+            print(f"{resume_from}: the run is already complete (step {s.start_step}, "
+                  f"{s.stream.position} prompts drawn); nothing to do")
+        return None
+    s.probe = fsdp_probe(processor, train_data, args) if args.fsdp else None
+    if master:
+        start_log(args, s, sum(p.numel() for p in model.parameters()), attn, units)
+    return s
+
+
+def finished(args, s, step):
+    """Whether the run is over at `step`: --max_steps steps, or --epochs passes drawn."""
+    if args.max_steps < 0:
+        return s.stream.position >= s.total_prompts
+    return step >= args.max_steps
+
+
+# -----------------------------------------------------------------------------
 # ---- run services ----: metrics to TensorBoard / W&B, stopping on a signal
 
 def start_log(args, s, n_params, attn, units):
@@ -761,6 +940,7 @@ def print_row(bar, row):
               f"len {row['response_len']:.1f} | groups kept {row['kept_groups']}/{row['sampled_groups']} | "
               f"loss {row.get('loss', float('nan')):+.4f} | "
               + (f"val_acc {row['val_acc']:.3f} | " if "val_acc" in row else "")
+              + (f"late/early focus {row['val_focus_ratio']:.2f} | " if "val_focus_ratio" in row else "")
               + f"{row['time']:.1f}s | {row['peak_mem_gb']:.2f} GB")
     if row.get("replica_divergence", 0) > 0:         # every rank applied the same gradient: a bug
         bar.write(f"WARNING: ranks disagree on the weights by {row['replica_divergence']:.3g}")

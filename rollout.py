@@ -681,8 +681,8 @@ def answer_greedily(policy, processor, examples, instruction, *, max_new_tokens,
     function of train.py's validation and eval.py's benchmarks.
 
     policy(fn, *args) runs fn(model, *args) (infra.Policy: under FSDP it runs the root's hooks).
-    Returns one record per example, e.g. {"response": "2+1=\\boxed{3}", "answer": "3",
-    "correct": True}, plus with focus=True "focus": the visual focus of each response
+    Returns one record per example, e.g. {"response": "\\boxed{r2g1b3}", "answer": "r2g1b3",
+    "correct": True, "length": 15}, plus with focus=True "focus": the visual focus of each response
     token (vgpo.visual_focus, Step 1), a 1-D CPU tensor.
     """
     batch = to_device(encode_prompts(processor, examples, instruction)[0], device)
@@ -696,7 +696,8 @@ def answer_greedily(policy, processor, examples, instruction, *, max_new_tokens,
     records = []
     for k, (example, text) in enumerate(zip(examples, texts)):
         answer = extract_answer(text, bare)
-        records.append(dict(response=text, answer=answer, correct=bool(grade(answer, example["answer"]))))
+        records.append(dict(response=text, answer=answer, correct=bool(grade(answer, example["answer"])),
+                            length=int(mask[k].sum())))
         if focus:
             records[-1]["focus"] = scores[k][mask[k]].float().cpu()
     return records

@@ -7,11 +7,18 @@ so that `python train.py` trains and learns on a laptop CPU with no model hub.
   vision special tokens, and the real Qwen2_5_VLProcessor, all written with
   save_pretrained. Everything downstream (training, resume, eval.py --ckpt) then loads it
   with AutoModelForImageTextToText / AutoProcessor like any hub checkpoint.
-- CountingTask: "How many squares?" with 1-4 coloured squares in a 3x3
-  grid of 28-pixel cells. Examples are a pure function of (seed, index), so the task is
-  generated on the fly, never stored, and a held-out split is just another seed. The
-  answer needs the image: on blank images the best a model can do is guess one count,
-  25% accuracy.
+- ColourCountingTask (the default, --task colour): "How many red, green, blue squares?"
+  answered as a chain of steps, "\\boxed{r2g1b3}": every step reads the image for another
+  colour, and all three are graded. 15 tokens, so VGPO's position-dependent
+  machinery (the compensation schedule, the tail gate) has a response to work on.
+  train.py starts it from a short supervised warm start (infra.warm_start), the stand-in
+  for the -Instruct model the paper starts from.
+- CountingTask (--task count): "How many squares?" with 1-4 coloured squares, answered
+  with one digit, learned from random weights; fast, so most tests use it.
+Both draw squares in a 3x3 grid of 28-pixel cells, one square per vision token. Examples
+are a pure function of (seed, index), so a task is generated on the fly, never stored,
+and a held-out split is just another seed. The answers need the image: on blank images
+the best a model can do is guess (a colour answer 1 in 27; a count 1 in 4).
 """
 
 import os
@@ -141,8 +148,9 @@ def counting_example(seed, index, blank=False):
             "images": [image], "id": f"count-{seed}-{index}"}
 
 
-class CountingTask:
-    """An indexable dataset of `size` counting examples drawn from `seed`, made on demand."""
+class SyntheticTask:
+    """An indexable dataset of `size` examples of a task drawn from `seed`, made on demand
+    by the subclass's `example(seed, index, blank)`."""
 
     def __init__(self, seed, size, blank=False):
         self.seed, self.size, self.blank = seed, size, blank
@@ -153,4 +161,63 @@ class CountingTask:
     def __getitem__(self, index):
         if not 0 <= index < self.size:
             raise IndexError(index)
-        return counting_example(self.seed, index, self.blank)
+        return self.example(self.seed, index, self.blank)
+
+
+class CountingTask(SyntheticTask):
+    """--task count: "How many squares?" (counting_example)."""
+    example = staticmethod(counting_example)
+
+
+# -----------------------------------------------------------------------------
+# the synthetic colour-counting task: a chain of steps, each of which reads the image
+#
+# The counting task answers in one token. This one answers in a chain of steps: it counts
+# the red, then the green, then the blue squares, "\boxed{r2g1b3}", 14 characters (14
+# tokens of the character-level tokenizer, 15 with the EOS). The steps ARE the graded
+# answer, so each one must read the image, the last as much as the first: a policy that
+# stops looking at the image late in its response gets the blue count wrong. Two designs
+# that fail this: a total after the steps ("2+1+3=\boxed{6}"), which a model reads off
+# the image in one go while its steps are wrong (the steps are decoration); and the
+# counts copied into a box after the steps ("r2g1b3=\boxed{213}"), whose late tokens
+# copy text and need no image.
+
+RGB = COLOURS[:3]     # red, green, blue: the colours the task counts
+RGB_NAMES = "rgb"
+
+
+def colour_example(seed, index, blank=False):
+    """Example `index` of the colour-counting task of `seed`, with its full target response.
+
+    1-3 red, 1-3 green and 1-3 blue squares (each count uniform and independent, 9 at
+    most: one per cell of the 3x3 grid) in random cells, one square per vision token as
+    in the counting task. answer: the three steps, red first; solution: the whole
+    response, the target of the supervised warm start (infra.warm_start).
+
+    Example: colour_example(0, 3) -> {"problem": "<image>How many red, green, blue squares?",
+             "answer": "r3g1b2", "solution": "\\boxed{r3g1b2}", "images": [<84x84 PIL image>],
+             "id": "colour-0-3"}
+    blank=True draws the same example with an empty image (the gold unchanged): a model
+    can only guess, 1 answer in 27 (3.7%), and each count 1 in 3.
+    """
+    rng = random.Random(seed * 1_000_003 + index + 7)
+    image = Image.new("RGB", (GRID * CELL, GRID * CELL), (20, 20, 20))
+    draw = ImageDraw.Draw(image)
+    counts = [rng.randint(1, 3) for _ in RGB]
+    cells = rng.sample(range(GRID * GRID), sum(counts))
+    colours = [colour for colour, n in zip(RGB, counts) for _ in range(n)]
+    for cell, colour in zip(cells, colours):
+        y, x = divmod(cell, GRID)
+        size = rng.randint(20, 26)
+        x0 = x * CELL + rng.randint(0, CELL - size)
+        y0 = y * CELL + rng.randint(0, CELL - size)
+        if not blank:                      # the same random draws either way: same gold
+            draw.rectangle((x0, y0, x0 + size, y0 + size), fill=colour)
+    steps = "".join(f"{name}{n}" for name, n in zip(RGB_NAMES, counts))          # "r3g1b2"
+    return {"problem": "<image>How many red, green, blue squares?", "answer": steps,
+            "solution": f"\\boxed{{{steps}}}", "images": [image], "id": f"colour-{seed}-{index}"}
+
+
+class ColourCountingTask(SyntheticTask):
+    """--task colour, the default: red, green, blue squares counted step by step (colour_example)."""
+    example = staticmethod(colour_example)

@@ -10,9 +10,11 @@ Train a vision-language model with VGPO (or plain DAPO/GRPO) on verifiable rewar
         train.py --preset paper7b --out_dir /shared/vgpo7b   # 2 nodes; --node_rank 1 on the other
     python train.py --out_dir out --resume            # continue from out/checkpoints/latest
 
-With no arguments it builds a tiny, randomly initialised Qwen2.5-VL and trains it on a
-synthetic "how many shapes?" task until it answers from the image (tiny.py). The same code
-trains a hub model: --model Qwen/Qwen2.5-VL-7B-Instruct --train_data <id or local file>.
+With no arguments it builds a tiny Qwen2.5-VL, warm-starts it on a synthetic task whose
+answers reason step by step about the image ("\\boxed{r2g1b3}": red, green, blue
+squares counted in turn; tiny.py), then trains it with VGPO, in about 3 minutes on a
+laptop CPU; --task count is the one-digit counting task. The same code trains a hub
+model: --model Qwen/Qwen2.5-VL-7B-Instruct --train_data <id or local file>.
 Every flag, with the paper's symbol and value, is in config.py (and --help); processes,
 checkpoints and the start-up checks are in infra.py, so that this file is the algorithm.
 
@@ -45,15 +47,12 @@ import random
 import sys
 import time
 
-from types import SimpleNamespace
-
 import torch
 import torch.distributed as dist
 
 import config
 import infra
 import rollout
-import tiny
 import vgpo
 
 # -----------------------------------------------------------------------------
@@ -377,114 +376,36 @@ def update_policy(policy, optimizer, params, roll, args, world, device, with_kl=
 
 def validate(policy, processor, data, args, rank, world, device):
     """Greedy accuracy on the validation set, sharded over ranks (rollout.answer_greedily,
-    the same scoring as eval.py's benchmarks)."""
+    the same scoring as eval.py's benchmarks), with the mean response length and, with
+    --val_focus, the late / early visual focus of the answers (rollout.focus_profile)."""
     policy.eval()
-    # every rank answers every world-th example; the counts are summed over ranks at the end
+    # every rank answers every world-th example; the sums are reduced over ranks at the end
     mine = list(range(rank, len(data), world))
-    correct = 0
+    sums = dict(correct=0.0, total=len(mine), tokens=0.0, early=0.0, n_early=0.0, late=0.0, n_late=0.0)
     for start in range(0, len(mine), args.val_batch):
         examples = [data[i] for i in mine[start:start + args.val_batch]]
         records = rollout.answer_greedily(policy, processor, examples, args.instruction, device=device,
-                                          max_new_tokens=args.val_max_new_tokens, bare=args.bare_answers)
-        correct += sum(r["correct"] for r in records)
-    v = infra.all_reduce_named(dict(correct=correct, total=len(mine)), world)
-    return v["correct"] / max(v["total"], 1)
-
-
-# -----------------------------------------------------------------------------
-# set-up: processes, the policy, the data, and the step a resumed run starts at
-
-def setup(args):
-    """Everything the loop needs, as one namespace `s`: ranks, the policy (sharded under
-    --fsdp), the optimizer, both data sets (checked), the prompt stream, and the step a
-    resumed run continues from. None when a resumed run has nothing left to do."""
-    if args.fsdp and "RANK" not in os.environ:
-        raise SystemExit("--fsdp shards over the ranks of torchrun: start with `torchrun --nproc_per_node N "
-                         "train.py --fsdp ...` (N = 1 is allowed, e.g. with --fsdp_offload)")
-    rank, _, world, device = infra.setup_distributed()
-    master = rank == 0
-    if args.fsdp_offload and device.type != "cuda":
-        raise SystemExit("--fsdp_offload moves the shards from GPU to CPU memory; without a GPU they are "
-                         "in CPU memory already: drop the flag")
-    if args.rollout_batch % world:
-        raise SystemExit(f"--rollout_batch {args.rollout_batch} is not divisible by {world} ranks")
-    # the same seed on every rank: the tiny model and any random init agree everywhere
-    torch.manual_seed(args.seed)
-
-    # where the run starts: a new run, or the newest complete checkpoint of this one
-    resume_from = infra.start_or_resume(args, master)
-    if resume_from:
-        with open(os.path.join(resume_from, "vgpo_config.json")) as f:
-            config.check_same_run(json.load(f), args, resume_from, master)
-    model_path = args.model
-    if args.model == "tiny":                         # the embedded default, built once per out_dir
-        model_path = os.path.join(args.out_dir, "tiny-init")
-        if master:
-            tiny.build_tiny_model(model_path, seed=args.seed)
-        if world > 1:
-            dist.barrier()
-    # the memory plan comes before loading: a 7B model takes minutes to load, a wrong
-    # --gen_batch should not
-    plan, capacity = infra.plan_memory(resume_from or model_path, args, world, device)
-    if master:
-        print(infra.format_plan(plan, capacity))
-    infra.check_memory(plan, capacity, args)
-
-    # the policy; the reference (for --kl_coef) is the starting model, never trained
-    model, processor, attn = infra.load_model(resume_from or model_path, args, device, move=not args.fsdp)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    # training forwards never decode: no KV cache (generate() turns it on for itself)
-    model.config.use_cache = False
-    if args.freeze_vision:
-        model.model.visual.requires_grad_(False)
-    policy, ref_policy, units = infra.Policy(model), None, 0
-    if args.kl_coef > 0:
-        ref_model, _, _ = infra.load_model(model_path, args, device, move=not args.fsdp)
-        ref_policy = infra.Policy(ref_model.requires_grad_(False))
-    if args.fsdp:
-        units = infra.shard(policy, device, args.fsdp_offload)
-        if ref_policy is not None:
-            infra.shard(ref_policy, device, args.fsdp_offload)
-    params = [p for p in policy.parameters() if p.requires_grad]      # shards under FSDP
-    # AdamW as in the paper (lr 1e-6, weight decay 1e-2 in the preset); its state is fp32
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-
-    # the data, checked before the first step
-    train_data = infra.open_data(args.train_data, args.train_split, args, seed_offset=0, size=-1)
-    val_data = infra.open_data(args.val_data, args.val_split, args, seed_offset=10_000, size=args.val_size)
-    infra.checked_training(train_data, args, master)
-    val_data = infra.checked_validation(val_data, args, rank, world, master)
-    s = SimpleNamespace(rank=rank, world=world, device=device, master=master, policy=policy,
-                        ref_policy=ref_policy, processor=processor, params=params, optimizer=optimizer,
-                        train_data=train_data, val_data=val_data, resume_from=resume_from,
-                        stream=infra.PromptStream(len(train_data), args.seed), start_step=0, skipped=0,
-                        totals=dict(bad_rows=0, drawn=0))   # rows read and skipped by this process
-    # The run ends after --max_steps steps, or (--max_steps -1) once --epochs passes of
-    # prompts have been DRAWN: dynamic sampling draws more than rollout_batch prompts in a
-    # step when groups are filtered out, so an epoch is counted in prompts, not in steps.
-    s.total_prompts = math.ceil(args.epochs * len(train_data))
-    # a decaying --lr_schedule needs the number of steps; by epochs it is an estimate
-    s.total_steps = math.ceil(s.total_prompts / args.rollout_batch) if args.max_steps < 0 else args.max_steps
-    if resume_from:
-        state = infra.load_optimizer(policy, optimizer, resume_from, args)
-        s.start_step, s.stream.position = state["step"], state["data_position"]
-        s.skipped = state["last_metrics"].get("skipped_updates", 0)     # a running count in the log
-    if finished(args, s, s.start_step):
-        if master:
-            print(f"{resume_from}: the run is already complete (step {s.start_step}, "
-                  f"{s.stream.position} prompts drawn); nothing to do")
-        return None
-    s.probe = infra.fsdp_probe(processor, train_data, args) if args.fsdp else None
-    if master:
-        infra.start_log(args, s, sum(p.numel() for p in model.parameters()), attn, units)
-    return s
-
-
-def finished(args, s, step):
-    if args.max_steps < 0:
-        return s.stream.position >= s.total_prompts
-    return step >= args.max_steps
+                                          max_new_tokens=args.val_max_new_tokens, bare=args.bare_answers,
+                                          focus=args.val_focus)
+        sums["correct"] += sum(r["correct"] for r in records)
+        sums["tokens"] += sum(r["length"] for r in records)
+        if args.val_focus:
+            # each answer's mean focus over its first and last third (rollout.focus_profile)
+            focus = rollout.pad_right([r["focus"][None] for r in records], 0.0)                 # (B, T)
+            ones = [torch.ones(1, len(r["focus"]), dtype=torch.bool) for r in records]
+            mask = rollout.pad_right(ones, False)                                                # (B, T)
+            thirds = rollout.focus_profile(focus, mask)                                         # (B, 3)
+            for name, part in (("early", thirds[:, 0]), ("late", thirds[:, 2])):
+                sums[name] += float(part.nansum())
+                sums["n_" + name] += int((~part.isnan()).sum())
+    v = infra.all_reduce_named(sums, world)
+    out = dict(val_acc=v["correct"] / max(v["total"], 1), val_len=v["tokens"] / max(v["total"], 1))
+    if args.val_focus and v["n_early"] and v["n_late"]:
+        # each response counts once (as in training's log and eval.py); the ratio of the means
+        early, late = v["early"] / v["n_early"], v["late"] / v["n_late"]
+        out.update(val_focus_early=early, val_focus_late=late,
+                   val_focus_ratio=late / early if early > 0 else float("nan"))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -563,7 +484,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with infra.StopSignal() as stop:                 # SIGTERM / Ctrl-C: finish the step, save, stop
-        s = setup(args)
+        s = infra.setup_run(args, config.check_same_run)
         if s is not None:
             train(args, s, stop)
     infra.teardown()
@@ -576,7 +497,14 @@ def train(args, s, stop):
                dynamic_ncols=True)
     reporter = infra.Reporter(args, s.master)
     step, row, stopping = s.start_step, {}, False
-    while not finished(args, s, step):
+    # the starting policy's validation, once, so that the log shows what RL added to it
+    start = {}
+    if s.start_step == 0 and args.val_every:
+        with infra.full_weights(s.policy):
+            start = validate(s.policy, s.processor, s.val_data, args, s.rank, s.world, s.device)
+        if s.master:
+            bar.write("before training: " + ", ".join(f"{k} {v:.3f}" for k, v in start.items()))
+    while not infra.finished(args, s, step):
         t0, drawn_before = time.time(), s.stream.position
         # every step re-seeds from (seed, rank, step): a resumed run samples exactly the same
         torch.manual_seed(args.seed * 1_000_003 + step * 1009 + s.rank)
@@ -611,10 +539,12 @@ def train(args, s, stop):
         # ---- log & checkpoint ----
         s.totals["drawn"] += s.stream.position - drawn_before
         row = step_row(args, s, step, counters, roll, stats, focus, update, lr)
-        last = finished(args, s, step)
+        if step == 1:
+            row.update({f"start_{k}": v for k, v in start.items()})     # step 0's validation
+        last = infra.finished(args, s, step)
         if (args.val_every and step % args.val_every == 0) or last:
             with infra.full_weights(s.policy):
-                row["val_acc"] = validate(s.policy, s.processor, s.val_data, args, s.rank, s.world, s.device)
+                row.update(validate(s.policy, s.processor, s.val_data, args, s.rank, s.world, s.device))
         row["time"] = time.time() - t0
         # one MAX over ranks: the largest peak memory, and whether any rank was asked to stop
         flags = infra.all_reduce_named(dict(peak=infra.peak_memory(s.device), stop=stop.received is not None),
@@ -638,7 +568,7 @@ def train(args, s, stop):
     bar.close()
     reporter.close()
     if s.master:
-        say_done(args, s, step, row, stopping and not finished(args, s, step), stop)
+        say_done(args, s, step, row, stopping and not infra.finished(args, s, step), stop)
 
 
 def say_done(args, s, step, row, stopped, stop):
@@ -647,7 +577,8 @@ def say_done(args, s, step, row, stopped, stop):
         print(f"stopped by {stop.received or 'a signal to another rank'} after step {step}; the checkpoint "
               f"{final} is saved: continue with --resume")
     val = row.get("val_acc")
-    print(f"done: {step} steps, {row['epoch']:.2f} epochs, final val_acc {val:.3f}, checkpoint {final}"
+    focus = f", late/early focus {row['val_focus_ratio']:.2f}" if "val_focus_ratio" in row else ""
+    print(f"done: {step} steps, {row['epoch']:.2f} epochs, final val_acc {val:.3f}{focus}, checkpoint {final}"
           if val is not None and not stopped else f"done: {step} steps, checkpoint {final}")
 
 
