@@ -216,11 +216,13 @@ def run_quietly(cmd, threads, log):
 def read_run(out):
     """What one run logged: the validation curve (step 0 = the warm start) and summaries."""
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    val = [(0, rows[0]["start_val_acc"], rows[0].get("start_val_focus_ratio"))]
-    val += [(r["step"], r["val_acc"], r.get("val_focus_ratio")) for r in rows if "val_acc" in r]
+    # late minus early focus, not their ratio: a mean early focus near 0 makes the ratio explode
+    drift = lambda r, p="": r[f"{p}val_focus_late"] - r[f"{p}val_focus_early"] if f"{p}val_focus_late" in r else None
+    val = [(0, rows[0]["start_val_acc"], drift(rows[0], "start_"))]
+    val += [(r["step"], r["val_acc"], drift(r)) for r in rows if "val_acc" in r]
     reach = next((step for step, acc, _ in val if acc >= 0.8), None)
     summary = json.load(open(os.path.join(infra.latest_checkpoint(out), "eval", "summary.json")))["validation"]
-    ratio = lambda k: summary.get(k, {}).get("late_over_early", float("nan"))
+    ratio = lambda k: summary.get(k, {}).get("late_minus_early", float("nan"))
     return dict(curve=val, start=val[0][1], final=val[-1][1], best=max(acc for _, acc, _ in val[1:]),
                 reach=reach, minutes=sum(r["time"] for r in rows) / 60,
                 length=statistics.mean(r["response_len"] for r in rows[-10:]),
@@ -262,8 +264,8 @@ def vgpo_vs_dapo(seeds, runs_dir, jobs):
     results = {m: [read_run(os.path.join(runs_dir, f"{m.lower()}-{s}")) for s in range(seeds)] for m in methods}
 
     print(f"\nthe embedded default (python train.py), {seeds} seeds each: mean ± sd over seeds")
-    head = ["method", "warm start acc", "final val acc", "best val acc", "steps to 0.8", "late/early right",
-            "late/early wrong", "blank-image acc", "response tokens", "minutes"]
+    head = ["method", "warm start acc", "final val acc", "best val acc", "steps to 0.8", "late-early focus, right",
+            "late-early focus, wrong", "blank-image acc", "response tokens", "minutes"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for m, runs in results.items():
         keys = ("start", "final", "best", "reach", "ratio_right", "ratio_wrong", "blank", "length", "minutes")
@@ -296,7 +298,7 @@ def plot_vgpo_vs_dapo(results, path):
             ax.plot(steps, values.nanmean(0), color=colour, marker="o", label=f"{method} ({len(runs)} seeds)")
             ax.fill_between(steps, values.min(0).values, values.max(0).values, color=colour, alpha=0.2)
     axes[0].set_ylabel("validation accuracy (greedy)")
-    axes[1].set_ylabel("late / early visual focus (validation answers)")
+    axes[1].set_ylabel("late minus early visual focus (validation answers)")
     for ax in axes:
         ax.set_xlabel("RL step (0 = the warm start)")
         ax.grid(alpha=0.3)
