@@ -187,6 +187,10 @@ def build_parser(description=""):
     g = p.add_argument_group("advanced")
     g.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa", "eager"],
                    help="attention kernel; auto = flash_attention_2 when importable on GPU, else sdpa")
+    g.add_argument("--fast_vision", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the vision tower's windows as one attention call per block (without flash-attn) and "
+                        "encode each distinct image of a batch once, not once per response; same numbers, "
+                        "fewer kernel launches (--no-fast_vision: transformers' own path)")
     g.add_argument("--trust_remote_code", action="store_true",
                    help="allow model code from the hub (off unless asked for)")
     g.add_argument("--fsdp_offload", action="store_true",

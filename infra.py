@@ -282,6 +282,12 @@ def load_model(path, args, device, move=True):
                                                         trust_remote_code=args.trust_remote_code)
     if move:
         model.to(device)
+    if getattr(args, "fast_vision", True):
+        # flash-attn runs the windows as one varlen call already; every other kernel loops
+        if attn != "flash_attention_2" and vision_windows_in_one_call(model):
+            attn += ", vision windows in one call"
+        if encode_images_once(model):
+            attn += ", each distinct image encoded once"
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     if args.min_pixels or args.max_pixels:
         size = dict(processor.image_processor.size)
@@ -289,6 +295,132 @@ def load_model(path, args, device, move=True):
         size["longest_edge"] = args.max_pixels or size["longest_edge"]
         processor.image_processor.size = size
     return model, processor, attn
+
+
+# -----------------------------------------------------------------------------
+# ---- vision speed ----: the same numbers from far fewer kernel launches
+#
+# Two rewirings of a loaded Qwen2-VL / Qwen2.5-VL, applied by load_model. Neither changes
+# a weight, a state-dict key or a result (tests: ..._per_window_loops_numbers and
+# ..._encoded_once_with_the_same_logprobs_...); both only cut how often the vision tower
+# runs and in how many pieces. On a 7B-shape step they are the difference between 86,880
+# attention calls and a few hundred, and between encoding every image G times and once.
+
+# the vision attention classes whose forward has this signature and these attributes
+WINDOWED_ATTENTION = ("Qwen2_5_VLVisionAttention", "VisionAttention")
+
+
+def windows_in_one_call(attn, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+    """A Qwen2(.5)-VL vision attention over all of its windows in ONE sdpa call.
+
+    Without flash-attn, transformers runs one attention call per window of every image
+    (cu_seqlens marks the windows): a 448x448 image has 16 windows, so 64 images through
+    28 windowed blocks are 28,672 tiny calls per forward. Here the windows are padded to
+    the longest one and stacked as a batch, with the padding masked out of the keys:
+        (S, D) -> q, k, v (W, H, L, d) -> one sdpa -> (S, D)
+    Example: windows of 16, 8, 8 and 4 tokens -> a (4, H, 16, d) batch, 28 of its 64 key
+    slots masked. Same rotary embedding, scale and projection as the module's own forward.
+    """
+    import sys
+    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+    S = hidden_states.shape[0]
+    q, k, v = attn.qkv(hidden_states).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (S, H, d)
+    q, k = rotary(q, k, *position_embeddings)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]                                      # (W,) tokens per window
+    W, L = lengths.numel(), int(lengths.max())
+    window = torch.repeat_interleave(torch.arange(W, device=q.device), lengths)     # (S,) each token's window
+    slot = torch.arange(S, device=q.device) - cu_seqlens[:-1].to(q.device)[window]  # (S,) its place in it
+
+    def stack(x):                                            # (S, H, d) -> (W, H, L, d), zeros as padding
+        out = x.new_zeros(W, L, *x.shape[1:])
+        out[window, slot] = x
+        return out.transpose(1, 2)
+
+    # equal windows (a 448x448 image: 16 of 64 tokens) need no mask, so any sdpa kernel can run
+    mask = None if bool((lengths == L).all()) else \
+        (torch.arange(L, device=q.device) < lengths.unsqueeze(1).to(q.device))[:, None, None, :]  # (W, 1, 1, L)
+    out = torch.nn.functional.scaled_dot_product_attention(stack(q), stack(k), stack(v), attn_mask=mask,
+                                                           scale=attn.scaling)     # (W, H, L, d)
+    out = out.transpose(1, 2)[window, slot]                                         # (S, H, d): padding dropped
+    return attn.proj(out.reshape(S, -1))
+
+
+def vision_windows_in_one_call(model):
+    """Give every windowed vision attention of `model` windows_in_one_call as its forward.
+    Returns how many modules were rewired (0 for a model without such blocks)."""
+    import functools
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ in WINDOWED_ATTENTION and hasattr(module, "qkv"):
+            module.forward = functools.partial(windows_in_one_call, module)
+            n += 1
+    return n
+
+
+def distinct_images(pixel_values, grid_thw, lookback=4):
+    """Which images of a batch are copies of an earlier one, found by exact comparison.
+
+    A rollout repeats each prompt G times, so its images arrive as A A A B B B ... (or
+    A B A B ... for a two-image prompt). Each image is compared, patch by patch, with
+    the `lookback` images before it; a copy points to the earlier image, and pointer
+    jumping takes every copy to its first occurrence.
+    Returns first (n,) long: the index of the first occurrence of each image.
+    Example: images A A B A' B, A' == A -> first [0, 0, 2, 0, 2] (A' via the lookback).
+    """
+    n, dev = grid_thw.shape[0], pixel_values.device
+    patches = grid_thw.prod(dim=1).to(dev)                                   # (n,) patches per image
+    start = patches.cumsum(0) - patches                                      # (n,) first patch of each
+    image = torch.repeat_interleave(torch.arange(n, device=dev), patches)    # (P,) image of each patch
+    offset = torch.arange(pixel_values.shape[0], device=dev) - start[image]  # (P,) place in its image
+    index = torch.arange(n, device=dev)
+    parent = index.clone()
+    for j in range(min(lookback, n - 1), 0, -1):                             # the nearest copy wins
+        other = (index - j).clamp(min=0)                                     # (n,)
+        comparable = (index >= j) & (grid_thw.to(dev)[other] == grid_thw.to(dev)).all(dim=1)
+        # each patch against the same patch of image i - j (or itself where not comparable)
+        partner = torch.where(comparable[image], start[other][image] + offset, offset + start[image])
+        same_patch = (pixel_values == pixel_values[partner]).all(dim=1)       # (P,)
+        same = torch.ones(n, dtype=torch.bool, device=dev).scatter_reduce(0, image, same_patch, "amin")
+        parent = torch.where(comparable & same, other, parent)
+    for _ in range(max(1, math.ceil(math.log2(max(n, 2))))):                 # pointer jumping to the root
+        parent = parent[parent]
+    return parent
+
+
+def encode_images_once(model):
+    """Make the vision tower encode each distinct image of a forward once.
+
+    The G responses of a prompt share its image, and generation, scoring and the update
+    all run on rows repeated G times: without this, every image is encoded G times in each
+    of them. Here the model's get_image_features runs the vision tower on the distinct
+    images only, then hands each row a view of its image's embeddings. The numbers are the
+    same; in the update, the gradient of an image's embeddings is the sum over its copies,
+    exactly what encoding each copy would give. Returns False when the model has no
+    get_image_features of the Qwen2(.5)-VL form (nothing is changed then).
+    """
+    inner = getattr(model, "model", None)
+    if not hasattr(inner, "get_image_features") or not hasattr(inner, "visual"):
+        return False
+    original = inner.get_image_features
+
+    def get_image_features(pixel_values, image_grid_thw=None, **kwargs):
+        first = distinct_images(pixel_values, image_grid_thw)                # (n,)
+        keep = first == torch.arange(len(first), device=first.device)        # (n,) first occurrences
+        if bool(keep.all()):
+            return original(pixel_values, image_grid_thw, **kwargs)
+        patches = image_grid_thw.prod(dim=1).to(keep.device)
+        out = original(pixel_values[keep.repeat_interleave(patches)], image_grid_thw[keep.to(image_grid_thw.device)],
+                       **kwargs)
+        embeds = out.pooler_output if hasattr(out, "pooler_output") else out     # one tensor per distinct image
+        position = keep.cumsum(0) - 1                                              # (n,) its place among them
+        views = tuple(embeds[i] for i in position[first].tolist())
+        if hasattr(out, "pooler_output"):
+            out.pooler_output = views
+            return out
+        return views
+
+    inner.get_image_features = get_image_features
+    return True
 
 
 GiB = 2**30

@@ -649,8 +649,17 @@ def fsdp_worker(model_dir, out):
 def test_a_two_process_fsdp_update_matches_one_process(tiny_model_dir, tmp_path):
     out = str(tmp_path / "fsdp.pt")
     torchrun(["test_vgpo.py", "fsdp_worker", tiny_model_dir, out])
-    for (sums, weights), (first, second, mini_batches) in zip(torch.load(out), FSDP_SPLITS):
-        want_sums, want_weights = one_update(tiny_model_dir, first + second, mini_batches, fsdp=False)
+    threads = torch.get_num_threads()
+    # the reference runs with the ranks' one thread: a different thread count blocks the
+    # matmuls differently, and AdamW's first step (g / (|g| + 1e-8)) turns that rounding on
+    # gradients near 1e-8 into weight differences of 1e-5
+    torch.set_num_threads(1)
+    try:
+        results = [one_update(tiny_model_dir, first + second, mini_batches, fsdp=False)
+                   for first, second, mini_batches in FSDP_SPLITS]
+    finally:
+        torch.set_num_threads(threads)
+    for (sums, weights), (want_sums, want_weights) in zip(torch.load(out), results):
         # loss, clip fractions, approx_kl, entropy, kl, grad_norm: all are global over both ranks
         torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-7)
         assert sums["loss"] != 0 and sums["grad_norm"] > 0
@@ -1833,3 +1842,84 @@ def test_training_log_and_eval_share_one_definition_of_early_and_late_focus():
     logged = train.vgpo_stats(stats, mask, focus, world=1)
     assert logged["focus_early"] == pytest.approx(statistics.mean(e for e, _ in per_response if e is not None))
     assert logged["focus_late"] == pytest.approx(statistics.mean(l for _, l in per_response if l is not None))
+
+
+# -----------------------------------------------------------------------------
+# the vision side, made cheaper without changing a number (issue: GPU speed)
+
+def _fresh_tiny(tiny_model_dir):
+    """A model of its own, so that rewiring its vision side cannot leak into other tests."""
+    from transformers import AutoModelForImageTextToText
+    return AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+
+
+def _mixed_images_batch(processor, rows):
+    """Prompts with images of three sizes (so windows of unequal length), one with two
+    images, repeated as `rows` the way a rollout repeats each prompt G times."""
+    examples = []
+    for k, (side, n_images) in enumerate([(56, 1), (84, 2), (112, 1)]):
+        images = [tiny.counting_example(8, 10 * k + j)["images"][0].resize((side, side)) for j in range(n_images)]
+        examples.append({"problem": "<image>" * n_images + "How many?", "answer": "1", "images": images})
+    batch, ipr = rollout.encode_prompts(processor, examples, "")
+    return rollout.take_rows(batch, ipr, torch.tensor(rows))
+
+
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_vision_windows_in_one_attention_call_give_the_per_window_loops_numbers(tiny_model, tiny_model_dir,
+                                                                                 monkeypatch):
+    _, processor = tiny_model
+    batch, _ = _mixed_images_batch(processor, [0, 1, 2])
+    pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
+    outputs, grads, calls = [], [], []
+    for batched in (False, True):
+        model = _fresh_tiny(tiny_model_dir)
+        if batched:
+            assert infra.vision_windows_in_one_call(model) == model.config.vision_config.depth
+        sdpa = _count_calls(monkeypatch, torch.nn.functional, "scaled_dot_product_attention")
+        out = model.model.visual(pixels, grid_thw=grid).pooler_output                      # (tokens, D)
+        out.pow(2).sum().backward()
+        outputs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.model.visual.parameters()]))
+        calls.append(len(sdpa))
+        monkeypatch.undo()
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+    # the loop: one call per window of each image in windowed blocks and one per image in
+    # full blocks; batched: one call per block
+    windows, images = calls[0], grid.shape[0]
+    assert calls[1] == model.config.vision_config.depth
+    assert windows > images * model.config.vision_config.depth
+
+
+def test_each_distinct_image_is_encoded_once_with_the_same_logprobs_focus_and_gradients(tiny_model, tiny_model_dir):
+    _, processor = tiny_model
+    rows = [0, 0, 0, 1, 1, 1, 2, 2]                     # G copies of each prompt; prompt 1 has two images
+    batch, _ = _mixed_images_batch(processor, rows)
+    responses = torch.tensor([[5, 6, 7, 8]] * len(rows))
+    mask = torch.ones(len(rows), 4, dtype=torch.bool)
+    results, seen = [], []
+    for once in (False, True):
+        model = _fresh_tiny(tiny_model_dir)
+        if once:
+            infra.encode_images_once(model)
+        patches = []
+        hook = model.model.visual.register_forward_pre_hook(lambda m, a: patches.append(a[0].shape[0]))
+        logp, focus = rollout.score(model, batch, responses, mask, focus=True)
+        logp.sum().backward()
+        greedy, _, _ = rollout.generate(model, processor, batch, max_new_tokens=4, temperature=0)
+        hook.remove()
+        results.append((logp.detach(), focus, torch.cat([p.grad.flatten() for p in model.parameters()
+                                                         if p.grad is not None]), greedy))
+        seen.append(patches)
+    for plain, once in zip(results[0], results[1]):
+        torch.testing.assert_close(once, plain, rtol=1e-4, atol=1e-5)
+    # 8 rows hold 11 images (prompt 1's two images, three times) but only 4 distinct ones
+    all_patches = int(batch["image_grid_thw"].prod(1).sum())
+    distinct = int(batch["image_grid_thw"][[0, 3, 4, 9]].prod(1).sum())
+    assert seen[0] == [all_patches, all_patches] and seen[1] == [distinct, distinct]
