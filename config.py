@@ -139,6 +139,10 @@ def build_parser(description=""):
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (paper: 0.99)")
     g.add_argument("--max_new_tokens", type=int, default=16, help="longest response (paper: 2048)")
+    g.add_argument("--sample_dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights generate() samples with: auto = bfloat16 on a GPU (a bf16 copy of the policy, "
+                        "refreshed before each rollout: decoding reads half the bytes) and float32 on a CPU (the "
+                        "policy itself). Under --fsdp, FSDP's mixed precision decides (bf16 on a GPU)")
     g.add_argument("--max_tries", type=int, default=4,
                    help="DAPO dynamic sampling: rounds of sampling to fill the batch with informative groups")
     g.add_argument("--gen_batch", type=int, default=512,
@@ -239,7 +243,7 @@ RUN_IDENTITY = ("model", "train_data", "train_split", "problem_key", "answer_key
                 "gamma", "schedule", "comp_start", "exponent", "step_at", "ppo_epochs", "lr",
                 "weight_decay", "grad_clip", "clip_low", "clip_high", "clip_dual", "kl_coef", "kl_kind",
                 "freeze_vision", "fsdp", "val_data", "val_split", "val_size", "val_max_new_tokens", "reward",
-                "warmup_steps", "lr_schedule")
+                "warmup_steps", "lr_schedule", "sample_dtype")
 
 
 def parse_args(argv=None, description=""):
@@ -270,8 +274,13 @@ def parse_args(argv=None, description=""):
     return args
 
 
+# what a checkpoint written before a flag existed did: its value of that flag
+BEFORE_THE_FLAG = {"task": "count", "sample_dtype": "float32"}
+
+
 def check_same_run(saved, args, path, master=True):
     """Refuse to resume with a flag that changes the run, unless --allow_changed names it."""
+    saved = {**BEFORE_THE_FLAG, **saved}
     changed = {k: (saved.get(k), getattr(args, k)) for k in RUN_IDENTITY if saved.get(k) != getattr(args, k)}
     for k in [k for k in changed if k in args.allow_changed]:
         if master:

@@ -283,11 +283,7 @@ def load_model(path, args, device, move=True):
     if move:
         model.to(device)
     if getattr(args, "fast_vision", True):
-        # flash-attn runs the windows as one varlen call already; every other kernel loops
-        if attn != "flash_attention_2" and vision_windows_in_one_call(model):
-            attn += ", vision windows in one call"
-        if encode_images_once(model):
-            attn += ", each distinct image encoded once"
+        attn += fast_vision(model, attn)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     if args.min_pixels or args.max_pixels:
         size = dict(processor.image_processor.size)
@@ -423,6 +419,62 @@ def encode_images_once(model):
     return True
 
 
+def fast_vision(model, attn):
+    """Both rewirings above (flash-attn runs the windows as one varlen call already).
+    Safe to call again on a copy of a rewired model. Returns what it did, for the log."""
+    inner = getattr(model, "model", None)
+    if inner is not None:                    # a deep copy still points at the original's closures
+        inner.__dict__.pop("get_image_features", None)
+    said = ""
+    if "flash" not in attn:
+        for module in model.modules():
+            module.__dict__.pop("forward", None)
+        if vision_windows_in_one_call(model):
+            said += ", vision windows in one call"
+    if encode_images_once(model):
+        said += ", each distinct image encoded once"
+    return said
+
+
+# -----------------------------------------------------------------------------
+# ---- sampling weights ----: what generate() reads at every decoded token
+
+def sampling_copy(policy, args):
+    """The policy generate() samples with in the data-parallel path (--sample_dtype).
+
+    Decoding is bound by reading the weights: one pass over them per token. Under bf16
+    autocast, fp32 master weights are read in fp32 and cast on every matmul; a bf16 copy
+    is read once, in half the bytes. The copy is made here once (each fp32 parameter
+    swapped for its bf16 value during the deep copy, so there is never a second fp32
+    copy) and refreshed from the policy before every rollout (sampling_weights).
+    float32: the policy itself. Under --fsdp the gathered weights are bf16 on a GPU
+    already (shard's mixed precision), so this is the policy too.
+    """
+    import copy
+    model = policy.model
+    name = args.sample_dtype
+    if name == "auto":
+        name = "bfloat16" if next(model.parameters()).device.type == "cuda" else "float32"
+    if args.fsdp or name == "float32":
+        return policy
+    dtype = getattr(torch, name)
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
+    sampler = copy.deepcopy(model, memo).eval()
+    if getattr(args, "fast_vision", True):
+        fast_vision(sampler, model.config._attn_implementation)
+    return Policy(sampler)
+
+
+@torch.no_grad()
+def sampling_weights(s):
+    """The sampling policy, with its copy (if any) set to the policy's current weights."""
+    if s.sampler is s.policy:
+        return s.policy
+    for mine, theirs in zip(s.sampler.model.parameters(), s.policy.model.parameters()):
+        mine.copy_(theirs)
+    return s.sampler
+
+
 GiB = 2**30
 
 
@@ -469,11 +521,15 @@ def memory_plan(config, n_params, n_trainable, args, world):
     static = {"weights, fp32 master": 4 * n_params / shards, "AdamW moments, fp32": 8 * n_trainable / shards}
     if args.kl_coef > 0:
         static["reference weights, fp32"] = 4 * n_params / shards
-    rollout_phase = {
-        "weights, bf16 for sampling": 2 * n_params,
+    rollout_phase = {}
+    if args.fsdp or getattr(args, "sample_dtype", "auto") != "bfloat16":
+        rollout_phase["weights, bf16 for sampling"] = 2 * n_params    # gathered, or autocast's casts
+    else:
+        static["weights, bf16 sampling copy"] = 2 * n_params           # kept between steps
+    rollout_phase.update({
         f"KV cache, {gen_rows} x {gen_seq} tokens (gen_batch, val_batch)": gen_rows * gen_seq * kv_per_token,
         "prefill transient": 2 * gen_rows * max(args.max_prompt_len * text_layer, patches * vision_block),
-    }
+    })
     update_phase = {
         "gradients, fp32": 4 * n_trainable / shards,
         f"activations, micro_batch {mb} x {seq} tokens": activations,
@@ -952,6 +1008,12 @@ def setup_run(args, check_same_run):
         raise SystemExit(f"--rollout_batch {args.rollout_batch} is not divisible by {world} ranks")
     # the same seed on every rank: the tiny model and any random init agree everywhere
     torch.manual_seed(args.seed)
+    # the weights generate() reads (sampling_copy), resolved here so that config.json records them
+    if args.sample_dtype == "auto":
+        args.sample_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    elif args.fsdp and args.sample_dtype != ("bfloat16" if device.type == "cuda" else "float32"):
+        raise SystemExit(f"--sample_dtype {args.sample_dtype}: under --fsdp the gathered weights are bf16 on a GPU "
+                         f"and fp32 on a CPU (FSDP's mixed precision); drop the flag")
 
     # where the run starts: a new run, or the newest complete checkpoint of this one
     resume_from = start_or_resume(args, master)
@@ -1025,6 +1087,7 @@ def setup_run(args, check_same_run):
                   f"{s.stream.position} prompts drawn); nothing to do")
         return None
     s.probe = fsdp_probe(processor, train_data, args) if args.fsdp else None
+    s.sampler = sampling_copy(policy, args)
     if master:
         start_log(args, s, sum(p.numel() for p in model.parameters()), attn, units)
     return s

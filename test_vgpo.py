@@ -438,6 +438,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import infra
 import rollout
@@ -1923,3 +1924,40 @@ def test_each_distinct_image_is_encoded_once_with_the_same_logprobs_focus_and_gr
     all_patches = int(batch["image_grid_thw"].prod(1).sum())
     distinct = int(batch["image_grid_thw"][[0, 3, 4, 9]].prod(1).sum())
     assert seen[0] == [all_patches, all_patches] and seen[1] == [distinct, distinct]
+
+
+def test_the_bf16_sampling_copy_follows_the_policy_and_samples_valid_responses(tiny_model_dir):
+    args = train.parse_args(["--task", "count", "--sample_dtype", "bfloat16"])
+    model, processor, _ = infra.load_model(tiny_model_dir, args, torch.device("cpu"))
+    s = types.SimpleNamespace(policy=infra.Policy(model), sampler=None)
+    s.sampler = infra.sampling_copy(s.policy, args)
+    # a step of training moves the fp32 weights; the copy is refreshed from them at the next rollout
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+    sampler = infra.sampling_weights(s)
+    pairs = list(zip(sampler.model.parameters(), model.parameters()))
+    assert len(pairs) == len(list(model.parameters())) > 0
+    for mine, theirs in pairs:
+        assert mine.dtype == torch.bfloat16 and theirs.dtype == torch.float32 and not mine.requires_grad
+        assert torch.equal(mine, theirs.to(torch.bfloat16))
+    # the copy samples with the rewired vision side of its own weights, and valid responses
+    assert sampler.model.model.get_image_features.__closure__ is not None
+    batch, ipr = rollout.encode_prompts(processor, [tiny.counting_example(3, i) for i in range(2)], "")
+    batch, _ = rollout.take_rows(batch, ipr, torch.tensor([0, 0, 1, 1]))
+    responses, mask, _ = sampler(rollout.generate, processor, batch, max_new_tokens=4)
+    assert responses.shape[0] == 4 and mask[:, 0].all()
+    # float32 (the CPU default) samples with the policy itself: no copy
+    assert infra.sampling_copy(s.policy, train.parse_args(["--task", "count"])) is s.policy
+
+
+def test_a_run_records_the_weights_it_sampled_with(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1", "--sample_dtype", "bfloat16"] + FAST)
+    with open(os.path.join(out, "checkpoints", "step_000001", "vgpo_config.json")) as f:
+        assert json.load(f)["sample_dtype"] == "bfloat16"
+    assert math.isfinite(read_metrics(out)[0]["loss"])
+    # on a CPU, auto samples with the float32 policy itself, and says so in the config
+    train.main(["--model", tiny_model_dir, "--out_dir", str(tmp_path / "auto"), "--max_steps", "1"] + FAST)
+    with open(os.path.join(tmp_path, "auto", "checkpoints", "step_000001", "vgpo_config.json")) as f:
+        assert json.load(f)["sample_dtype"] == "float32"
