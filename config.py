@@ -143,6 +143,10 @@ def build_parser(description=""):
                    help="weights generate() samples with: auto = bfloat16 on a GPU (a bf16 copy of the policy, "
                         "refreshed before each rollout: decoding reads half the bytes) and float32 on a CPU (the "
                         "policy itself). Under --fsdp, FSDP's mixed precision decides (bf16 on a GPU)")
+    g.add_argument("--decode_cache", default="dynamic", choices=["dynamic", "static"],
+                   help="KV cache of sampling: static preallocates prompt + --max_new_tokens, so that transformers "
+                        "compiles the decode step on a GPU (faster per token; compiles again when the batch or "
+                        "prompt length changes); the same samples either way")
     g.add_argument("--max_tries", type=int, default=4,
                    help="DAPO dynamic sampling: rounds of sampling to fill the batch with informative groups")
     g.add_argument("--gen_batch", type=int, default=512,

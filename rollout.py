@@ -476,9 +476,11 @@ def describe_sampling(temperature, top_p):
 
 
 @torch.no_grad()
-def generate(model, processor, batch, *, max_new_tokens, temperature=1.0, top_p=1.0):
+def generate(model, processor, batch, *, max_new_tokens, temperature=1.0, top_p=1.0, cache="dynamic"):
     """Sample one response per row of `batch`. temperature 0 means greedy.
 
+    cache "static" preallocates the KV cache for prompt + max_new_tokens, which lets
+    transformers compile the decode step on a GPU (the same samples; see --decode_cache).
     Returns (responses (B, T) token ids, response_mask (B, T) bool, truncated (B,) bool).
     """
     eos = eos_ids(model, processor)
@@ -488,6 +490,7 @@ def generate(model, processor, batch, *, max_new_tokens, temperature=1.0, top_p=
     out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos,
                          pad_token_id=processor.tokenizer.pad_token_id, synced_gpus=False,
                          suppress_tokens=suppressed_ids(model, processor),
+                         **({"cache_implementation": "static"} if cache == "static" else {}),
                          **sampling_settings(temperature, top_p))
     responses = out[:, batch["input_ids"].shape[1]:]
     mask, truncated = response_mask_from_eos(responses, eos)

@@ -1961,3 +1961,16 @@ def test_a_run_records_the_weights_it_sampled_with(tiny_model_dir, tmp_path):
     train.main(["--model", tiny_model_dir, "--out_dir", str(tmp_path / "auto"), "--max_steps", "1"] + FAST)
     with open(os.path.join(tmp_path, "auto", "checkpoints", "step_000001", "vgpo_config.json")) as f:
         assert json.load(f)["sample_dtype"] == "float32"
+
+
+def test_a_static_kv_cache_samples_the_same_responses_as_the_dynamic_one(tiny_model):
+    model, processor = tiny_model
+    batch, ipr = rollout.encode_prompts(processor, [tiny.colour_example(1, i) for i in range(3)], "")
+    batch, _ = rollout.take_rows(batch, ipr, torch.tensor([0, 0, 1, 1, 2, 2]))
+    sampled = []
+    for cache in ("dynamic", "static"):
+        torch.manual_seed(0)
+        sampled.append(rollout.generate(model, processor, batch, max_new_tokens=6, temperature=1.0, cache=cache))
+    for dynamic, static in zip(*sampled):
+        assert torch.equal(dynamic, static)
+    assert config.parse_args(["--decode_cache", "static"]).decode_cache == "static"

@@ -148,7 +148,7 @@ def sample(policy, processor, batch, ipr, rows, args, device):
             # sampling settings are explicit, never the checkpoint's generation_config (rollout.py)
             r, m, t = policy(rollout.generate, processor, rollout.to_device(gen_batch, device),
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p)
+                             top_p=args.top_p, cache=args.decode_cache)
         responses.append(r.cpu()), masks.append(m.cpu()), truncs.append(t.cpu())
     # chunks end at different lengths: right-pad them to one width
     pad_id = processor.tokenizer.pad_token_id
