@@ -140,13 +140,13 @@ def build_parser(description=""):
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (paper: 0.99)")
     g.add_argument("--max_new_tokens", type=int, default=16, help="longest response (paper: 2048)")
     g.add_argument("--sample_dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights generate() samples with: auto = bfloat16 on a GPU (a bf16 copy of the policy, "
-                        "refreshed before each rollout: decoding reads half the bytes) and float32 on a CPU (the "
-                        "policy itself). Under --fsdp, FSDP's mixed precision decides (bf16 on a GPU)")
+                   help="weights generate() samples with: auto = bfloat16 on a GPU (a bf16 copy of the "
+                        "policy, refreshed before each rollout: decoding reads half the bytes) and float32 on "
+                        "a CPU (the policy itself). Under --fsdp, FSDP's mixed precision decides (bf16 on a GPU)")
     g.add_argument("--decode_cache", default="dynamic", choices=["dynamic", "static"],
-                   help="KV cache of sampling: static preallocates prompt + --max_new_tokens, so that transformers "
-                        "compiles the decode step on a GPU (faster per token; compiles again when the batch or "
-                        "prompt length changes); the same samples either way")
+                   help="KV cache of sampling: static preallocates prompt + --max_new_tokens, so that "
+                        "transformers compiles the decode step on a GPU (faster per token; compiles again when "
+                        "the batch or prompt length changes); the same samples either way")
     g.add_argument("--max_tries", type=int, default=4,
                    help="DAPO dynamic sampling: rounds of sampling to fill the batch with informative groups")
     g.add_argument("--gen_batch", type=int, default=512,
@@ -196,9 +196,9 @@ def build_parser(description=""):
     g.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa", "eager"],
                    help="attention kernel; auto = flash_attention_2 when importable on GPU, else sdpa")
     g.add_argument("--fast_vision", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the vision tower's windows as one attention call per block (without flash-attn) and "
-                        "encode each distinct image of a batch once, not once per response; same numbers, "
-                        "fewer kernel launches (--no-fast_vision: transformers' own path)")
+                   help="run the vision tower's windows as one attention call per block (without "
+                        "flash-attn) and encode each distinct image of a batch once, not once per response; "
+                        "same numbers, fewer kernel launches (--no-fast_vision: transformers' own path)")
     g.add_argument("--trust_remote_code", action="store_true",
                    help="allow model code from the hub (off unless asked for)")
     g.add_argument("--fsdp_offload", action="store_true",

@@ -320,7 +320,8 @@ def windows_in_one_call(attn, hidden_states, cu_seqlens, position_embeddings=Non
     import sys
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     S = hidden_states.shape[0]
-    q, k, v = attn.qkv(hidden_states).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (S, H, d)
+    qkv = attn.qkv(hidden_states).reshape(S, 3, attn.num_heads, -1)                    # (S, 3, H, d)
+    q, k, v = qkv.permute(1, 0, 2, 3).unbind(0)                                         # (S, H, d) each
     q, k = rotary(q, k, *position_embeddings)
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]                                      # (W,) tokens per window
     W, L = lengths.numel(), int(lengths.max())
@@ -333,11 +334,13 @@ def windows_in_one_call(attn, hidden_states, cu_seqlens, position_embeddings=Non
         return out.transpose(1, 2)
 
     # equal windows (a 448x448 image: 16 of 64 tokens) need no mask, so any sdpa kernel can run
-    mask = None if bool((lengths == L).all()) else \
-        (torch.arange(L, device=q.device) < lengths.unsqueeze(1).to(q.device))[:, None, None, :]  # (W, 1, 1, L)
+    mask = None
+    if not bool((lengths == L).all()):
+        valid = torch.arange(L, device=q.device) < lengths.unsqueeze(1).to(q.device)    # (W, L) real keys
+        mask = valid[:, None, None, :]                                                  # (W, 1, 1, L)
     out = torch.nn.functional.scaled_dot_product_attention(stack(q), stack(k), stack(v), attn_mask=mask,
                                                            scale=attn.scaling)     # (W, H, L, d)
-    out = out.transpose(1, 2)[window, slot]                                         # (S, H, d): padding dropped
+    out = out.transpose(1, 2)[window, slot]                                         # (S, H, d), no padding
     return attn.proj(out.reshape(S, -1))
 
 
@@ -405,9 +408,9 @@ def encode_images_once(model):
         if bool(keep.all()):
             return original(pixel_values, image_grid_thw, **kwargs)
         patches = image_grid_thw.prod(dim=1).to(keep.device)
-        out = original(pixel_values[keep.repeat_interleave(patches)], image_grid_thw[keep.to(image_grid_thw.device)],
-                       **kwargs)
-        embeds = out.pooler_output if hasattr(out, "pooler_output") else out     # one tensor per distinct image
+        distinct_grid = image_grid_thw[keep.to(image_grid_thw.device)]
+        out = original(pixel_values[keep.repeat_interleave(patches)], distinct_grid, **kwargs)
+        embeds = out.pooler_output if hasattr(out, "pooler_output") else out   # a tensor per distinct image
         position = keep.cumsum(0) - 1                                              # (n,) its place among them
         views = tuple(embeds[i] for i in position[first].tolist())
         if hasattr(out, "pooler_output"):
@@ -1012,8 +1015,8 @@ def setup_run(args, check_same_run):
     if args.sample_dtype == "auto":
         args.sample_dtype = "bfloat16" if device.type == "cuda" else "float32"
     elif args.fsdp and args.sample_dtype != ("bfloat16" if device.type == "cuda" else "float32"):
-        raise SystemExit(f"--sample_dtype {args.sample_dtype}: under --fsdp the gathered weights are bf16 on a GPU "
-                         f"and fp32 on a CPU (FSDP's mixed precision); drop the flag")
+        raise SystemExit(f"--sample_dtype {args.sample_dtype}: under --fsdp the gathered weights are bf16 on "
+                         f"a GPU and fp32 on a CPU (FSDP's mixed precision); drop the flag")
 
     # where the run starts: a new run, or the newest complete checkpoint of this one
     resume_from = start_or_resume(args, master)

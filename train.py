@@ -517,7 +517,8 @@ def train(args, s, stop):
                                   "reward_sum", "len_sum", "truncated", "responses"), 0.0)
         with infra.full_weights(s.policy):           # under FSDP: gathered once, no per-token gathers
             # generate() reads the policy's weights, or their bf16 copy (--sample_dtype)
-            roll = collect_rollouts(infra.sampling_weights(s), s.processor, s.train_data, s.stream, args, s.rank, s.world,
+            sampler = infra.sampling_weights(s)
+            roll = collect_rollouts(sampler, s.processor, s.train_data, s.stream, args, s.rank, s.world,
                                     s.device, counters)
             old_logp, focus = score_rollouts(s.policy, roll, args, s.device)     # (N, T) each
         if s.ref_policy is not None:
