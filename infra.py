@@ -410,13 +410,15 @@ def encode_images_once(model):
         patches = image_grid_thw.prod(dim=1).to(keep.device)
         distinct_grid = image_grid_thw[keep.to(image_grid_thw.device)]
         out = original(pixel_values[keep.repeat_interleave(patches)], distinct_grid, **kwargs)
-        embeds = out.pooler_output if hasattr(out, "pooler_output") else out   # a tensor per distinct image
         position = keep.cumsum(0) - 1                                              # (n,) its place among them
-        views = tuple(embeds[i] for i in position[first].tolist())
-        if hasattr(out, "pooler_output"):
-            out.pooler_output = views
-            return out
-        return views
+        order = position[first].tolist()
+        expand = lambda per_distinct: tuple(per_distinct[i] for i in order)      # a view per image
+        if not hasattr(out, "pooler_output"):                 # older transformers: a tuple of tensors
+            return expand(out)
+        out.pooler_output = expand(out.pooler_output)
+        if getattr(out, "deepstack_features", None) is not None:                   # Qwen3-VL
+            out.deepstack_features = [expand(f) for f in out.deepstack_features]
+        return out
 
     inner.get_image_features = get_image_features
     return True

@@ -1974,3 +1974,39 @@ def test_a_static_kv_cache_samples_the_same_responses_as_the_dynamic_one(tiny_mo
     for dynamic, static in zip(*sampled):
         assert torch.equal(dynamic, static)
     assert config.parse_args(["--decode_cache", "static"]).decode_cache == "static"
+
+
+def test_each_distinct_image_is_encoded_once_in_qwen3_vl_too():
+    # Qwen3-VL hands the language model per-image "deepstack" features from inner vision
+    # blocks as well; each image's copy must get them too. A random tiny Qwen3-VL, built here.
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           deepstack_visual_indexes=[0, 1], num_position_embeddings=64),
+        image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153)
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.tensor([[1, 4, 4], [1, 4, 6]])                          # two images, 16 and 24 patches
+    images = [torch.randn(int(g.prod()), 3 * 2 * 16 * 16, generator=gen) for g in grid]
+    order = [0, 0, 1, 1]                                                 # each prompt twice
+    rows = [[152] + [150] * (int(grid[i].prod()) // 4) + [153, 5, 6, 7] for i in order]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    inputs = dict(input_ids=ids, attention_mask=(torch.arange(width) >= width - torch.tensor([len(r) for r in rows])
+                                                 .unsqueeze(1)).long(),
+                  pixel_values=torch.cat([images[i] for i in order]), image_grid_thw=grid[order],
+                  mm_token_type_ids=(ids == 150).long())
+    logits, patches = [], []
+    for once in (False, True):
+        torch.manual_seed(0)
+        model = Qwen3VLForConditionalGeneration(config).eval()
+        assert not once or infra.encode_images_once(model)
+        hook = model.model.visual.register_forward_pre_hook(lambda m, a: patches.append(a[0].shape[0]))
+        with torch.no_grad():
+            logits.append(model(**inputs).logits)
+        hook.remove()
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    assert patches == [80, 40]
