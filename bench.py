@@ -23,6 +23,14 @@ Sections 3-5 (each case in a fresh child process, so its peak memory is its own)
 7. (--vgpo_vs_dapo N, on its own) the embedded default trained with VGPO and with
    --no_vgpo for N seeds each: accuracy, steps to 0.8, blank-image accuracy, late/early
    visual focus, mean and spread over seeds, and docs/vgpo_vs_dapo.png.
+8. (--credit CKPT ..., on its own) where VGPO's token weights put the credit on the colour
+   task: ψ on the count digits that decide the reward (and on the wrong ones), α of right
+   and wrong answers, and how much of ψ is a fixed pattern over positions.
+9. (--shape 7b | small, on its own) a random Qwen2.5-VL of the 7B shape (a GPU) or a small
+   one (a CPU), before and after the vision rewiring and the bf16 sampling copy: decode
+   ms/step and tokens/s (with the bandwidth bound on a known GPU), the update step (with
+   MFU), vision patches encoded, attention calls, kernel launches (ATen op calls on a
+   CPU), and VGPO/GRPO ratios of time and memory.
 Peak memory is the process's peak resident set (CPU) or peak allocated memory (GPU).
 Record the figures in BENCHMARKS.md with the machine and the command.
 """
@@ -57,6 +65,12 @@ parser.add_argument("--vgpo_vs_dapo", type=int, default=0, metavar="SEEDS",
                          "each scored by eval.py; prints the table and writes docs/vgpo_vs_dapo.png")
 parser.add_argument("--runs_dir", default="runs", help="section 7's run folders (finished runs are reused)")
 parser.add_argument("--jobs", type=int, default=1, help="section 7: runs at once, sharing the CPU threads")
+parser.add_argument("--credit", nargs="+", default=[], metavar="CKPT",
+                    help="only section 8: where VGPO's ψ and α put the credit on the colour task, per checkpoint")
+parser.add_argument("--shape", choices=["small", "7b"], default=None,
+                    help="only section 9: a random Qwen2.5-VL of that shape (7b: Qwen2.5-VL-7B's, for a GPU; small: "
+                         "for a CPU), before and after the vision rewiring and bf16 sampling: decode, update step, "
+                         "vision patches encoded, attention calls and kernel launches, VGPO/GRPO ratios")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)   # internal: run one case
 args = parser.parse_args()
 torch.manual_seed(0)
@@ -170,8 +184,254 @@ def child_fsdp_generate(size):
     return dict(plain=plain, fsdp=sharded, same=bool(torch.equal(plain_tokens, sharded_tokens)))
 
 
+# ---- section 9 (--shape): a random Qwen2.5-VL of a real shape, before and after the
+#      vision rewiring and the bf16 sampling copy ----
+
+# Qwen2.5-VL-7B-Instruct's shapes (config.json); "small" keeps the layout (windowed and
+# full-attention vision blocks, 448-pixel windows of 4x4 merged tokens) at a CPU's size
+SHAPES = {
+    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064),
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+               image=448, new_tokens=128, response=256, update_layers=4, micro_batch=8),
+    "small": dict(text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=4096),
+                  vision=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
+                              window_size=112, fullatt_block_indexes=[3]),
+                  image=224, new_tokens=32, response=64, update_layers=4, micro_batch=16),
+}
+PROMPTS, G = 8, 8                                   # 8 prompts x G = 8: 64 sequences
+# bf16 dense tensor-core FLOP/s and memory bandwidth, by GPU name (the bound columns)
+GPUS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+
+
+def shape_model(shape, layers):
+    """A randomly initialised Qwen2.5-VL of SHAPES[shape] with `layers` decoder layers, on
+    DEVICE in fp32, and a processor for its images (tiny.py's tokenizer)."""
+    from transformers import (AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    import tiny
+    spec = SHAPES[shape]
+    tokenizer = tiny.build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
+    head_dim = spec["text"]["hidden_size"] // spec["text"]["num_attention_heads"]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(spec["text"], num_hidden_layers=layers, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section":
+                                          [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(spec["vision"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    side = spec["image"]
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size={"shortest_edge": side * side,
+                                                                                "longest_edge": side * side}),
+                                    video_processor=Qwen2VLVideoProcessor(), tokenizer=tokenizer,
+                                    chat_template=tiny.CHAT_TEMPLATE)
+    return model, processor
+
+
+def shape_batch(processor, shape):
+    """PROMPTS colour-task prompts with images of the shape's side, each repeated G times."""
+    import rollout
+    import tiny
+    side = SHAPES[shape]["image"]
+    examples = [tiny.colour_example(1, i) for i in range(PROMPTS)]
+    for ex in examples:
+        ex["images"] = [im.resize((side, side)) for im in ex["images"]]
+    batch, ipr = rollout.encode_prompts(processor, examples, "")
+    return rollout.take_rows(batch, ipr, torch.arange(PROMPTS).repeat_interleave(G))
+
+
+class Counters:
+    """Vision patches encoded and attention calls made while it is active (CPU-measurable
+    proxies for the work the GPU is handed)."""
+
+    def __init__(self, model):
+        self.patches, self.sdpa = 0, 0
+        self.hook = model.model.visual.register_forward_pre_hook(self._patches)
+        self.original = torch.nn.functional.scaled_dot_product_attention
+
+        def sdpa(*a, **k):
+            self.sdpa += 1
+            return self.original(*a, **k)
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+
+    def _patches(self, module, inputs):
+        self.patches += inputs[0].shape[0]
+
+    def close(self):
+        self.hook.remove()
+        torch.nn.functional.scaled_dot_product_attention = self.original
+
+
+def launches(fn):
+    """Kernel launches of fn() (GPU), or ATen operator calls on a CPU (each launches at least
+    one kernel on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+    if DEVICE.type == "cuda":
+        return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def synced():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def child_shape(shape, variant, method):
+    """One case of section 9: variant "before" (transformers' vision path, fp32 sampling
+    weights) or "after" (--fast_vision, --sample_dtype auto); method "decode" (sampling)
+    or "vgpo" / "grpo" (one update step), each in its own process for its own peak memory."""
+    import rollout
+    import train
+    spec = SHAPES[shape]
+    targs = train.parse_args(["--task", "colour", "--rollout_batch", str(PROMPTS), "--group_size", str(G),
+                              "--mini_batch", str(PROMPTS), "--micro_batch", str(spec["micro_batch"]),
+                              "--max_new_tokens", str(spec["new_tokens"]), "--gradient_checkpointing",
+                              "--sample_dtype", "auto" if variant == "after" else "float32"]
+                             + ([] if variant == "after" else ["--no-fast_vision"])
+                             + ([] if method == "vgpo" else ["--no_vgpo"]))
+    out = {}
+    if method == "decode":
+        # ---- decode, with every decoder layer ----
+        model, processor = shape_model(shape, spec["text"]["num_hidden_layers"])
+        if variant == "after":
+            infra.fast_vision(model, "sdpa")
+        policy = infra.Policy(model)
+        sampler = infra.sampling_copy(policy, targs)
+        batch, _ = shape_batch(processor, shape)
+        batch = rollout.to_device(batch, DEVICE)
+        settings = rollout.sampling_settings(1.0, 1.0)
+
+        def generate(n):
+            with torch.no_grad(), rollout.autocast(DEVICE):
+                return sampler.model.generate(**batch, max_new_tokens=n, min_new_tokens=n,
+                                              pad_token_id=processor.tokenizer.pad_token_id, **settings)
+        n = spec["new_tokens"]
+        generate(2)                                                     # warm-up
+        # decode time per token = (n tokens - 1 token) / (n - 1): prefill cancels out
+        t0 = synced()
+        generate(1)
+        prefill = synced() - t0
+        counters = Counters(sampler.model)
+        t0 = synced()
+        generate(n)
+        total = synced() - t0
+        counters.close()
+        return dict(prefill_s=prefill, decode_ms=1e3 * (total - prefill) / (n - 1),
+                    tokens_per_s=len(batch["input_ids"]) * n / total, rollout_patches=counters.patches,
+                    rollout_launches=launches(lambda: generate(n)), prompt_len=batch["input_ids"].shape[1],
+                    text_params=sum(p.numel() for p in model.model.language_model.parameters()),
+                    lm_head=model.lm_head.weight.numel(), sdpa_rollout=counters.sdpa)
+    # ---- one update step (score with focus, advantages, update), fewer decoder layers ----
+    model, processor = shape_model(shape, spec["update_layers"])
+    if variant == "after":
+        infra.fast_vision(model, "sdpa")
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    policy = infra.Policy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    batch, row_ipr = shape_batch(processor, shape)
+    n = len(batch["input_ids"])
+    gen = torch.Generator().manual_seed(0)
+    responses = torch.randint(10, 90, (n, spec["response"]), generator=gen)   # character tokens, no EOS
+    roll = rollout.Rollout(prompts=batch, ipr=row_ipr, responses=responses,
+                           mask=torch.ones(n, spec["response"], dtype=torch.bool),
+                           acc=torch.randint(0, 2, (n,), generator=gen).float(),
+                           group_ids=torch.arange(PROMPTS).repeat_interleave(G))
+
+    def step():
+        old_logp, focus = train.score_rollouts(policy, roll, targs, DEVICE, focus=method == "vgpo")
+        roll.adv, _ = train.token_advantages(roll, focus, train.vgpo_switches(targs)) if method == "vgpo" else (
+            torch.where(roll.mask, vgpo.grpo_advantages(roll.acc, roll.group_ids).unsqueeze(1), 0.0), None)
+        roll.old_logp = old_logp
+        train.update_policy(policy, optimizer, params, roll, targs, 1, DEVICE)
+
+    step()                                                              # warm-up (and AdamW's state)
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    counters = Counters(model)
+    times = []
+    for _ in range(2):
+        t0 = synced()
+        step()
+        times.append(synced() - t0)
+    counters.close()
+    out.update(update_s=min(times), update_peak=peak_memory(), update_patches=counters.patches // 2,
+               sdpa_update=counters.sdpa // 2, update_launches=launches(step),
+               update_text_params=sum(p.numel() for p in model.model.language_model.layers.parameters()),
+               vision_params=sum(p.numel() for p in model.model.visual.parameters()),
+               update_tokens=int(batch["attention_mask"].sum()) + n * spec["response"],
+               response_tokens=n * spec["response"], lm_head=model.lm_head.weight.numel(),
+               distinct_patches=int(batch["image_grid_thw"][::G].prod(1).sum()))
+    return out
+
+
+def shape_table(shape):
+    """Section 9's table: before / after side by side, and the bounds on a known GPU."""
+    r = {(v, m): run_child(f"shape:{shape}:{v}:{m}") for v in ("before", "after") for m in ("decode", "vgpo", "grpo")}
+    gpu = next((v for k, v in GPUS.items() if DEVICE.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    spec = SHAPES[shape]
+    print(f"shape {shape}: {PROMPTS} prompts x G={G}, {spec['image']}x{spec['image']} images, "
+          f"{spec['text']['num_hidden_layers']} decoder layers for decode and {spec['update_layers']} for the "
+          f"update step; {DEVICE.type}" + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else ""))
+    rows = []
+
+    def add(what, before, after, fmt, bound=None):
+        rows.append((what, fmt.format(before), fmt.format(after), after / before if before else float("nan"),
+                     bound))
+    b, a = r["before", "decode"], r["after", "decode"]
+    # decode: bf16 weights of the decoder layers and lm_head, plus the KV cache, once a token
+    kv = 2 * spec["text"]["num_hidden_layers"] * spec["text"]["num_key_value_heads"] * 2 * (
+        spec["text"]["hidden_size"] // spec["text"]["num_attention_heads"])
+    context = b["prompt_len"] + spec["new_tokens"] / 2
+    bound_ms = 1e3 * (2 * (b["text_params"] + b["lm_head"]) + PROMPTS * G * context * kv) / gpu[1] if gpu else None
+    add("decode, ms / step", b["decode_ms"], a["decode_ms"], "{:.2f}", bound_ms and f"{bound_ms:.2f} ms bound, "
+        f"{100 * bound_ms / b['decode_ms']:.0f}% -> {100 * bound_ms / a['decode_ms']:.0f}%")
+    add("decode, tokens / s", b["tokens_per_s"], a["tokens_per_s"], "{:,.0f}")
+    add("prefill, s", b["prefill_s"], a["prefill_s"], "{:.3f}")
+    add("rollout: vision patches encoded", b["rollout_patches"], a["rollout_patches"], "{:,}")
+    add("rollout: attention calls", b["sdpa_rollout"], a["sdpa_rollout"], "{:,}")
+    add("rollout: kernel launches" if gpu or DEVICE.type == "cuda" else "rollout: ATen op calls",
+        b["rollout_launches"], a["rollout_launches"], "{:,}")
+    b, a = r["before", "vgpo"], r["after", "vgpo"]
+    # update: model FLOPs of the work that must be done (each distinct image once)
+    flops = lambda x: 8 * (x["update_text_params"] * x["update_tokens"] + x["lm_head"] * x["response_tokens"]
+                           + x["vision_params"] * x["distinct_patches"])
+    add("update step, s (VGPO)", b["update_s"], a["update_s"], "{:.2f}", gpu and
+        f"MFU {100 * flops(b) / b['update_s'] / gpu[0]:.1f}% -> {100 * flops(a) / a['update_s'] / gpu[0]:.1f}%")
+    add("update: vision patches encoded", b["update_patches"], a["update_patches"], "{:,}")
+    add("update: attention calls", b["sdpa_update"], a["sdpa_update"], "{:,}")
+    add("update: kernel launches" if DEVICE.type == "cuda" else "update: ATen op calls",
+        b["update_launches"], a["update_launches"], "{:,}")
+    for v in ("before", "after"):
+        vg, gr = r[v, "vgpo"], r[v, "grpo"]
+        rows.append((f"VGPO / GRPO ({v}): time, memory", f"{vg['update_s'] / gr['update_s']:.3f}",
+                     f"{vg['update_peak'] / gr['update_peak']:.3f}", float("nan"), None))
+    print(f"| {'what':<34} | {'before':>12} | {'after':>12} | {'after/before':>12} |" + (" bound |" if gpu else ""))
+    print(f"|{'-' * 36}|{'-' * 14}|{'-' * 14}|{'-' * 14}|" + ("---|" if gpu else ""))
+    for what, before, after, ratio, bound in rows:
+        ratio = "" if ratio != ratio else f"{ratio:.3f}"
+        print(f"| {what:<34} | {before:>12} | {after:>12} | {ratio:>12} |" + (f" {bound or ''} |" if gpu else ""))
+
+
 if args.child:
     kind, *rest = args.child.split(":")
+    if kind == "shape":
+        print(json.dumps(child_shape(*rest)))
+        sys.exit(0)
     result = (child_step(rest[0], rest[1] == "vgpo") if kind == "step" else
               child_fsdp_generate(rest[0]) if kind == "fsdpgen" else child_logp(int(rest[0])))
     print(json.dumps(result))
@@ -307,6 +567,93 @@ def plot_vgpo_vs_dapo(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# 8. (--credit CKPT ...) where VGPO's weights put the credit, on the colour task. The
+#    reward is one number per response; VGPO splits it over tokens by visual focus. On
+#    "\boxed{r2g1b3}" we know which tokens decide the reward: the three count digits,
+#    and in a wrong answer, the digits that are wrong. So this measures whether ψ (intra)
+#    and α (inter) move credit towards them, i.e. whether VGPO has anything to add here.
+
+def credit(ckpt, prompts=128, seed=40000):
+    import config
+    import rollout
+    import train
+    args = config.parse_args(["--task", "colour"], "")
+    model, processor, _ = infra.load_model(ckpt, args, torch.device("cpu"))
+    policy = infra.Policy(model)
+    data = infra.open_data("synthetic", "train", args, seed, prompts)       # held out: its own seed
+    examples = [dict(data[i], group=i, row=i) for i in range(prompts)]
+    counters = dict(long_prompts=0, bad_rows=0)
+    batch, ipr, examples = train.encode_examples(processor, examples, args, counters, data)
+    rows = torch.arange(len(examples)).repeat_interleave(args.group_size)      # (n,)
+    torch.manual_seed(seed)
+    responses, mask, _ = train.sample(policy, processor, batch, ipr, rows, args, torch.device("cpu"))
+    texts = processor.batch_decode(torch.where(mask, responses, processor.tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    golds = [examples[r]["answer"] for r in rows.tolist()]
+    acc = torch.tensor(train.rewards(texts, golds, args))
+    group_ids = rows.clone()
+    keep = rollout.informative_groups(acc, group_ids)                        # mixed groups only
+    prompts_kept, ipr_kept = rollout.take_rows(batch, ipr, rows[keep])
+    roll = rollout.Rollout(prompts_kept, ipr_kept, responses[keep], mask[keep], acc[keep], group_ids[keep])
+    _, focus = train.score_rollouts(policy, roll, args, torch.device("cpu"))
+    _, st = train.token_advantages(roll, focus, train.vgpo_switches(args))
+    psi, alpha, m = st["psi"], st["alpha"], roll.mask                          # (N, T), (N,), (N, T)
+
+    # which tokens decide the reward: the digits at the count slots of "\boxed{rXgYbZ}"
+    # (the character tokenizer puts them at positions 8, 10, 12), and which of them are wrong
+    kept_golds = [g for g, k in zip(golds, keep.tolist()) if k]
+    kept_texts = [t for t, k in zip(texts, keep.tolist()) if k]
+    digit = torch.zeros_like(m)
+    wrong_digit = torch.zeros_like(m)
+    for i, (text, gold) in enumerate(zip(kept_texts, kept_golds)):
+        if text.startswith("\\boxed{") and len(text) >= 13:
+            for pos, g in zip((8, 10, 12), gold[1::2]):
+                digit[i, pos] = True
+                wrong_digit[i, pos] = text[pos] != g
+    right = roll.acc.bool()
+    mean = lambda x, where: float(x[where].mean()) if where.any() else float("nan")
+    other = m & ~digit
+    out = dict(
+        prompts=prompts, mixed_groups=int(keep.sum()) // args.group_size, responses=int(keep.sum()),
+        accuracy=float(acc.mean()),
+        # intra: ψ on the deciding tokens vs the rest (ψ averages to 1 over a response)
+        psi_digits=mean(psi, digit), psi_other=mean(psi, other),
+        psi_wrong_digit=mean(psi, wrong_digit), psi_right_digit_of_wrong=mean(psi, digit & ~wrong_digit
+                                                                              & ~right.unsqueeze(1)),
+        # inter: α of right vs wrong responses (the gain favours right ones only if > 1)
+        alpha_right=mean(alpha, right), alpha_wrong=mean(alpha, ~right),
+        # ψ by position, and focus by position, over all kept responses
+        psi_by_position=[round(mean(psi[:, t], m[:, t]), 3) for t in range(m.shape[1])],
+        focus_by_position=[round(mean(focus[:, t], m[:, t]), 3) for t in range(m.shape[1])],
+    )
+    # how much of ψ's spread is a fixed pattern over positions (i.e. over the characters of
+    # "\boxed{rXgYbZ}", which sit at fixed positions) rather than per-answer evidence
+    by_position = torch.tensor([mean(psi[:, t], m[:, t]) for t in range(m.shape[1])])             # (T,)
+    pattern = by_position.unsqueeze(0).expand_as(psi)
+    out["psi_variance_from_position"] = float(((pattern - psi[m].mean()) ** 2)[m].mean() / psi[m].var())
+    # within a group, does the response-level focus tell right from wrong? (what α uses)
+    phi = st["phi"]
+    ranks = []
+    for g in roll.group_ids.unique():
+        rows_g = roll.group_ids == g
+        if right[rows_g].any() and (~right[rows_g]).any():
+            ranks.append(float(phi[rows_g & right].mean() > phi[rows_g & ~right].mean()))
+    out["groups_where_right_answers_focus_more"] = statistics.mean(ranks) if ranks else float("nan")
+    return out
+
+
+if args.shape:
+    shape_table(args.shape)
+    sys.exit(0)
+
+
+if args.credit:
+    for ckpt in args.credit:
+        print(ckpt, json.dumps(credit(ckpt)), flush=True)
+    sys.exit(0)
 
 
 if args.vgpo_vs_dapo:
