@@ -2009,3 +2009,16 @@ def test_each_distinct_image_is_encoded_once_in_qwen3_vl_too():
         hook.remove()
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
     assert patches == [80, 40]
+
+
+def test_distinct_images_finds_copies_by_exact_comparison():
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(4, 6, generator=gen) for _ in range(3))
+    nearly_a = a.clone()
+    nearly_a[3, 5] += 1e-6                                               # one value differs: not a copy
+    grid = torch.tensor([[1, 2, 2]] * 6 + [[1, 1, 4]])                   # the last has another grid
+    images = [a, a, b, a, b, nearly_a, a]
+    first = infra.distinct_images(torch.cat(images), grid)
+    # the docstring's example, then a near-copy (its own image) and the same values under
+    # another grid (a different image)
+    assert first.tolist() == [0, 0, 2, 0, 2, 5, 6]
