@@ -50,9 +50,11 @@ TASKS = {
     # from the \boxed{}, trained from the supervised warm start (infra.warm_start).
     # 16 new tokens: the answer and its end token, plus one. Only the last \boxed{} is
     # graded, so without a bound the tiny policy learns to trail "}}}}" after it. A cosine
-    # decay of the learning rate over 100 steps: at a constant 3e-4 a run fell from 0.99 to
-    # 0.61 in its last 10 steps, and a cosine over 80 steps stopped one at 0.76.
-    "colour": dict(max_new_tokens=16, val_max_new_tokens=16, temperature=1.0, lr=3e-4, max_steps=100,
+    # decay of the learning rate over 150 steps: at a constant 3e-4 a run fell from 0.99 to
+    # 0.61 in its last 10 steps; a cosine over 80 steps stopped one at 0.76, and over 100
+    # steps runs ended between 0.735 and 0.895 (seeds 0-2); at lr 5e-4 the answers grew past
+    # the 16 tokens and validation stalled at 0.71-0.755.
+    "colour": dict(max_new_tokens=16, val_max_new_tokens=16, temperature=1.0, lr=3e-4, max_steps=150,
                    lr_schedule="cosine", val_every=10, bare_answers=False),
     # the one-token counting task from random weights: the bare digit is the answer, since
     # a random model cannot write \boxed{}
