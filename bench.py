@@ -381,6 +381,9 @@ def child_shape(shape, variant, method):
 
 def shape_table(shape):
     """Section 9's table: before / after side by side, and the bounds on a known GPU."""
+    if shape == "7b" and DEVICE.type != "cuda":
+        raise SystemExit("--shape 7b builds 8.3B parameters (33 GB in fp32) and needs a GPU; "
+                         "on a CPU, --shape small prints the same table at a CPU's size")
     r = {(v, m): run_child(f"shape:{shape}:{v}:{m}") for v in ("before", "after") for m in ("decode", "vgpo", "grpo")}
     gpu = next((v for k, v in GPUS.items() if DEVICE.type == "cuda" and k in torch.cuda.get_device_name()), None)
     spec = SHAPES[shape]
