@@ -15,13 +15,16 @@ read train.py without opening this file.
 
 import argparse
 import contextlib
+import copy
 import errno
+import functools
 import json
 import math
 import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import zipfile
 from types import SimpleNamespace
@@ -317,7 +320,6 @@ def windows_in_one_call(attn, hidden_states, cu_seqlens, position_embeddings=Non
     Example: windows of 16, 8, 8 and 4 tokens -> a (4, H, 16, d) batch, 28 of its 64 key
     slots masked. Same rotary embedding, scale and projection as the module's own forward.
     """
-    import sys
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     S = hidden_states.shape[0]
     qkv = attn.qkv(hidden_states).reshape(S, 3, attn.num_heads, -1)                    # (S, 3, H, d)
@@ -347,7 +349,6 @@ def windows_in_one_call(attn, hidden_states, cu_seqlens, position_embeddings=Non
 def vision_windows_in_one_call(model):
     """Give every windowed vision attention of `model` windows_in_one_call as its forward.
     Returns how many modules were rewired (0 for a model without such blocks)."""
-    import functools
     n = 0
     for module in model.modules():
         if type(module).__name__ in WINDOWED_ATTENTION and hasattr(module, "qkv"):
@@ -367,7 +368,8 @@ def distinct_images(pixel_values, grid_thw, lookback=4):
     Example: images A A B A' B, A' == A -> first [0, 0, 2, 0, 2] (A' via the lookback).
     """
     n, dev = grid_thw.shape[0], pixel_values.device
-    patches = grid_thw.prod(dim=1).to(dev)                                   # (n,) patches per image
+    grid_thw = grid_thw.to(dev)
+    patches = grid_thw.prod(dim=1)                                   # (n,) patches per image
     start = patches.cumsum(0) - patches                                      # (n,) first patch of each
     image = torch.repeat_interleave(torch.arange(n, device=dev), patches)    # (P,) image of each patch
     offset = torch.arange(pixel_values.shape[0], device=dev) - start[image]  # (P,) place in its image
@@ -375,7 +377,7 @@ def distinct_images(pixel_values, grid_thw, lookback=4):
     parent = index.clone()
     for j in range(min(lookback, n - 1), 0, -1):                             # the nearest copy wins
         other = (index - j).clamp(min=0)                                     # (n,)
-        comparable = (index >= j) & (grid_thw.to(dev)[other] == grid_thw.to(dev)).all(dim=1)
+        comparable = (index >= j) & (grid_thw[other] == grid_thw).all(dim=1)
         # each patch against the same patch of image i - j (or itself where not comparable)
         partner = torch.where(comparable[image], start[other][image] + offset, offset + start[image])
         same_patch = (pixel_values == pixel_values[partner]).all(dim=1)       # (P,)
@@ -426,14 +428,14 @@ def encode_images_once(model):
 
 def fast_vision(model, attn):
     """Both rewirings above (flash-attn runs the windows as one varlen call already).
-    Safe to call again on a copy of a rewired model. Returns what it did, for the log."""
+    Safe to call again on a deep copy of a rewired model. Returns what it did, for the log."""
     inner = getattr(model, "model", None)
-    if inner is not None:                    # a deep copy still points at the original's closures
+    if inner is not None:
+        # a deep copy keeps the original's get_image_features closure (functions are not
+        # copied), which would run the original's vision tower: rewire the copy's own
         inner.__dict__.pop("get_image_features", None)
     said = ""
     if "flash" not in attn:
-        for module in model.modules():
-            module.__dict__.pop("forward", None)
         if vision_windows_in_one_call(model):
             said += ", vision windows in one call"
     if encode_images_once(model):
@@ -455,7 +457,6 @@ def sampling_copy(policy, args):
     float32: the policy itself. Under --fsdp the gathered weights are bf16 on a GPU
     already (shard's mixed precision), so this is the policy too.
     """
-    import copy
     model = policy.model
     name = args.sample_dtype
     if name == "auto":
