@@ -2022,3 +2022,46 @@ def test_distinct_images_finds_copies_by_exact_comparison():
     # the docstring's example, then a near-copy (its own image) and the same values under
     # another grid (a different image)
     assert first.tolist() == [0, 0, 2, 0, 2, 5, 6]
+
+
+def test_a_checkpoint_written_before_task_and_sample_dtype_existed_resumes_as_it_ran(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["--model", tiny_model_dir, "--out_dir", out] + FAST            # FAST holds --task count
+    train.main(common + ["--max_steps", "1"])
+    # an older vgpo_config.json: neither key was written then (it ran the counting task,
+    # sampling with the fp32 policy)
+    path = os.path.join(out, "checkpoints", "step_000001", "vgpo_config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    del saved["task"], saved["sample_dtype"]
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    args = config.parse_args(common + ["--max_steps", "2", "--resume"])
+    args.sample_dtype = "float32"                                           # what auto resolves to on a CPU
+    config.check_same_run(saved, args, path)                                # the same run: accepted
+    args.task = "colour"                                                    # today's default task is not
+    with pytest.raises(SystemExit, match="different run(.|\n)*--task: checkpoint 'count'"):
+        config.check_same_run(saved, args, path)
+
+
+def test_vision_windows_in_one_call_on_qwen25_vl_7bs_real_window_layout():
+    # the 7B's vision config (window 112 px, patch 14, merge 2, 32 blocks with full
+    # attention at 7, 15, 23, 31), only narrower; a 448x448 image (16 equal windows of 64
+    # patches) and a 476x336 one (34x24 patches: windows of unequal size at the edges)
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    real = qwen25_vl_7b_config().vision_config.to_dict()
+    vision_config = type(qwen25_vl_7b_config().vision_config)(**dict(real, hidden_size=32, intermediate_size=64,
+                                                                     num_heads=2, out_hidden_size=64))
+    assert (vision_config.window_size, vision_config.patch_size, vision_config.depth) == (112, 14, 32)
+    vision_config._attn_implementation = "sdpa"
+    grid = torch.tensor([[1, 32, 32], [1, 34, 24]])
+    pixels = torch.randn(int(grid.prod(1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        tower = Qwen2_5_VisionTransformerPretrainedModel(vision_config).eval()
+        n = infra.vision_windows_in_one_call(tower) if batched else 0
+        with torch.no_grad():
+            outputs.append(tower(pixels, grid_thw=grid).pooler_output)
+    assert n == 32
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
