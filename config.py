@@ -73,7 +73,7 @@ def build_parser(description=""):
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in <out_dir>/checkpoints (fresh if "
                         "there is no run)")
-    g.add_argument("--max_steps", type=int, default=100,
+    g.add_argument("--max_steps", type=int, default=150,
                    help="training steps; -1 = until --epochs passes of prompts have been drawn")
     g.add_argument("--epochs", type=float, default=1.0,
                    help="with --max_steps -1: passes over the training prompts, counted in prompts drawn "

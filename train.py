@@ -12,7 +12,7 @@ Train a vision-language model with VGPO (or plain DAPO/GRPO) on verifiable rewar
 
 With no arguments it builds a tiny Qwen2.5-VL, warm-starts it on a synthetic task whose
 answers reason step by step about the image ("\\boxed{r2g1b3}": red, green, blue
-squares counted in turn; tiny.py), then trains it with VGPO, in about 3 minutes on a
+squares counted in turn; tiny.py), then trains it with VGPO, in about 6 minutes on a
 laptop CPU; --task count is the one-digit counting task. The same code trains a hub
 model: --model Qwen/Qwen2.5-VL-7B-Instruct --train_data <id or local file>.
 Every flag, with the paper's symbol and value, is in config.py (and --help); processes,
