@@ -48,17 +48,22 @@ import time
 
 import torch
 
-import infra
+import checkpoints
+import dataset
+import models
+import parallel
 import vgpo
 from test_vgpo import naive_visual_focus, naive_vgpo_advantages
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--responses", type=int, default=64, help="N responses for the advantage benchmark")
-parser.add_argument("--tokens", type=int, default=1024, help="T tokens per response for the advantage benchmark")
+parser.add_argument("--tokens", type=int, default=1024,
+                    help="T tokens per response for the advantage benchmark")
 parser.add_argument("--group_size", type=int, default=8, help="G responses per prompt")
 parser.add_argument("--hidden", type=int, default=3584, help="D for the visual_focus benchmark (7B: 3584)")
 parser.add_argument("--focus_tokens", type=int, default=512, help="T for the visual_focus benchmark")
-parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each vectorised call (median reported)")
+parser.add_argument("--repeats", type=int, default=5,
+                    help="timed repeats of each vectorised call (median reported)")
 parser.add_argument("--skip_children", action="store_true", help="only sections 1-2 (the math)")
 parser.add_argument("--vgpo_vs_dapo", type=int, default=0, metavar="SEEDS",
                     help="only section 7: python train.py with VGPO and with --no_vgpo for seeds 0..SEEDS-1, "
@@ -66,23 +71,28 @@ parser.add_argument("--vgpo_vs_dapo", type=int, default=0, metavar="SEEDS",
 parser.add_argument("--runs_dir", default="runs", help="section 7's run folders (finished runs are reused)")
 parser.add_argument("--jobs", type=int, default=1, help="section 7: runs at once, sharing the CPU threads")
 parser.add_argument("--credit", nargs="+", default=[], metavar="CKPT",
-                    help="only section 8: where VGPO's ψ and α put the credit on the colour task, per checkpoint")
+                    help="only section 8: where VGPO's ψ and α put the credit on the colour task, "
+                         "per checkpoint")
 parser.add_argument("--shape", choices=["small", "7b"], default=None,
-                    help="only section 9: a random Qwen2.5-VL of that shape (7b: Qwen2.5-VL-7B's, for a GPU; small: "
-                         "for a CPU), before and after the vision rewiring and bf16 sampling: decode, update step, "
-                         "vision patches encoded, attention calls and kernel launches, VGPO/GRPO ratios")
+                    help="only section 9: a random Qwen2.5-VL of that shape (7b: Qwen2.5-VL-7B's, for a "
+                         "GPU; small: for a CPU), before and after the vision rewiring and bf16 sampling: "
+                         "decode, update step, vision patches encoded, attention calls and kernel launches, "
+                         "VGPO/GRPO ratios")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)   # internal: run one case
 args = parser.parse_args()
+# the same random inputs on every run: figures from two machines compare like with like
 torch.manual_seed(0)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def peak_memory():
-    return infra.peak_memory(DEVICE)          # allocated on the GPU, else the process's peak RSS
+    return parallel.peak_memory(DEVICE)          # allocated on the GPU, else the process's peak RSS
 
 
 # ---- child cases (sections 3-5): run with --child NAME, print one JSON line ----
 
+# two sizes: the tiny model's step is mostly fixed per-call overhead; the mid one shows the
+# ratios where the matmuls weigh more
 MODELS = {"tiny": dict(hidden=128, layers=2, vision_hidden=64, vision_depth=2),
           "mid": dict(hidden=1024, layers=8, vision_hidden=256, vision_depth=4)}
 
@@ -93,40 +103,54 @@ def child_step(size, use_vgpo):
     import tiny
     import train
 
-    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), f"vgpo-bench-{size}"), seed=0, **MODELS[size])
+    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), f"vgpo-bench-{size}"), seed=0,
+                                 **MODELS[size])
     targs = train.parse_args(["--rollout_batch", "16", "--group_size", "8", "--mini_batch", "16",
                               "--micro_batch", "32", "--lr", "1e-5"] + ([] if use_vgpo else ["--no_vgpo"]))
-    model, processor, _ = infra.load_model(path, targs, DEVICE)
-    policy = infra.Policy(model)
+    model, processor, _ = models.load_model(path, targs, DEVICE, fast_vision=targs.fast_vision)
+    policy = rollout.Policy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr)
     examples = [tiny.counting_example(1, i) for i in range(16)]
-    batch, ipr = rollout.encode_prompts(processor, examples, "")
+    batch, images_per_row = rollout.encode_prompts(processor, examples, "")
+    # 16 prompts x G = 8: the 128 rows of one rollout, each prompt's copies next to each other
     rows = torch.arange(16).repeat_interleave(8)
-    prompts, row_ipr = rollout.take_rows(batch, ipr, rows)
+    prompts, row_images = rollout.take_rows(batch, images_per_row, rows)
+    # the same model and seed in the GRPO and the VGPO child: both draw the same rollout,
+    # so their steps below run on the same responses
     torch.manual_seed(0)
+    # one generate, no warm-up: section 5's tokens/s include a fresh process's first call
     t0 = time.perf_counter()
     with rollout.autocast(DEVICE):
         responses, mask, _ = rollout.generate(model, processor, rollout.to_device(prompts, DEVICE),
                                               max_new_tokens=64)
     gen_time = time.perf_counter() - t0
-    roll = rollout.Rollout(prompts=prompts, ipr=row_ipr, responses=responses.cpu(), mask=mask.cpu(),
-                           acc=torch.randint(0, 2, (128,), generator=torch.Generator().manual_seed(0)).float(),
+    # random 0/1 rewards: a step costs the same whichever responses are right
+    roll = rollout.Rollout(prompts=prompts, images_per_row=row_images, responses=responses.cpu(),
+                           mask=mask.cpu(),
+                           reward=torch.randint(0, 2, (128,),
+                                                generator=torch.Generator().manual_seed(0)).float(),
                            group_ids=rows)
     switches = dict(intra=targs.intra, inter=targs.inter, compensation=targs.compensation, gate=targs.gate)
+    # three steps and their median: the first pays one-off costs (AdamW allocates its state,
+    # the allocator grows), which the median leaves out
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
+        # GRPO skips the focus scores, so the VGPO/GRPO ratio includes what they cost
         old_logp, focus = train.score_rollouts(policy, roll, targs, DEVICE, focus=use_vgpo)
         if use_vgpo:
-            adv, _ = vgpo.vgpo_advantages(roll.acc, roll.group_ids, focus, roll.mask, **switches)
+            adv, _ = vgpo.vgpo_advantages(roll.reward, roll.group_ids, focus, roll.mask, **switches)
         else:
-            adv = torch.where(roll.mask, vgpo.grpo_advantages(roll.acc, roll.group_ids).unsqueeze(1), 0.0)
+            # GRPO: one advantage per response, the same on each of its tokens, 0 on padding
+            adv = torch.where(roll.mask, vgpo.grpo_advantages(roll.reward, roll.group_ids).unsqueeze(1), 0.0)
         roll.old_logp, roll.adv = old_logp, adv
-        train.update_policy(policy, optimizer, params, roll, targs, 1, DEVICE)
+        train.update_policy(policy, optimizer, params, roll, targs, parallel.Ranks(device=DEVICE))
+        # CUDA calls return before the GPU has finished: wait, or the clock stops early
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    # tokens/s counts the valid response tokens (mask), not the padding after an EOS
     return dict(time=statistics.median(times), peak=peak_memory(),
                 tokens_per_s=float(mask.sum()) / gen_time,
                 params=sum(p.numel() for p in model.parameters()))
@@ -137,9 +161,12 @@ def child_logp(chunk):
     import rollout
 
     torch.manual_seed(0)
+    # Qwen's vocabulary on a small D: the full float32 logits, 4 x 1024 x 152064 x 4 bytes =
+    # 2.5 GB, dwarf everything else, and they are what the chunks avoid holding at once
     lm_head = torch.nn.Linear(512, 152064, bias=False, device=DEVICE)
     hidden = torch.randn(4, 1024, 512, device=DEVICE, requires_grad=True)
     tokens = torch.randint(0, 152064, (4, 1024), device=DEVICE)
+    # taken after the weights and inputs exist: `extra` is what the pass itself adds
     before = peak_memory()
     logp = rollout.response_logprobs(lm_head, hidden, tokens, chunk=chunk)
     logp.sum().backward()
@@ -154,20 +181,25 @@ def child_fsdp_generate(size):
     import tiny
     import train
 
+    # a one-rank process group: FSDP's hooks and gathers run, but with no other rank to talk
+    # to, what the ratio measures is the hooks' own cost on every decoding step
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29581", RANK="0", WORLD_SIZE="1")
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
-    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), f"vgpo-bench-{size}"), seed=0, **MODELS[size])
+    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), f"vgpo-bench-{size}"), seed=0,
+                                 **MODELS[size])
     targs = train.parse_args(["--fsdp"])
-    model, processor, _ = infra.load_model(path, targs, DEVICE, move=False)
+    model, processor, _ = models.load_model(path, targs, DEVICE, move=False, fast_vision=targs.fast_vision)
     batch, _ = rollout.encode_prompts(processor, [tiny.counting_example(1, i) for i in range(32)], "")
     batch = rollout.to_device(batch, DEVICE)
-    policy = infra.Policy(model)
+    policy = rollout.Policy(model)
 
     def sample():
+        # reseeded every call: plain and sharded draw the same random numbers, so `same`
+        # below compares like with like
         torch.manual_seed(0)
         t0 = time.perf_counter()
         with rollout.autocast(DEVICE):
-            responses, mask, _ = policy(rollout.generate, processor, batch, max_new_tokens=64)
+            responses, mask, _ = policy.generate(processor, batch, max_new_tokens=64)
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
         return float(mask.sum()) / (time.perf_counter() - t0), responses
@@ -176,8 +208,10 @@ def child_fsdp_generate(size):
     sample()                                                    # warm-up
     plain, plain_tokens = sample()
     model.cpu()
-    infra.shard(policy, DEVICE)
-    with infra.full_weights(policy):
+    parallel.shard(policy, DEVICE)
+    # weights gathered once around the whole generate, as train.py samples (a warm-up
+    # again: the sharded model's first call has one-off costs of its own)
+    with parallel.full_weights(policy):
         sample()
         sharded, sharded_tokens = sample()
     dist.destroy_process_group()
@@ -190,19 +224,21 @@ def child_fsdp_generate(size):
 # Qwen2.5-VL-7B-Instruct's shapes (config.json); "small" keeps the layout (windowed and
 # full-attention vision blocks, 448-pixel windows of 4x4 merged tokens) at a CPU's size
 SHAPES = {
-    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064),
-               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
                image=448, new_tokens=128, response=256, update_layers=4, micro_batch=8),
-    "small": dict(text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=4096),
-                  vision=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
-                              window_size=112, fullatt_block_indexes=[3]),
+    "small": dict(text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=4096),
+                  vision=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4,
+                              out_hidden_size=256, window_size=112, fullatt_block_indexes=[3]),
                   image=224, new_tokens=32, response=64, update_layers=4, micro_batch=16),
 }
 PROMPTS, G = 8, 8                                   # 8 prompts x G = 8: 64 sequences
-# bf16 dense tensor-core FLOP/s and memory bandwidth, by GPU name (the bound columns)
+# bf16 dense tensor-core FLOP/s and memory bandwidth, by GPU name (the bound columns):
+# FLOP/s for the update step's MFU, bandwidth for the decode bound (decoding reads every
+# weight once a token, so bytes, not FLOPs, set its floor)
 GPUS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 
 
@@ -217,6 +253,8 @@ def shape_model(shape, layers):
     tokenizer = tiny.build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
     head_dim = spec["text"]["hidden_size"] // spec["text"]["num_attention_heads"]
+    # M-RoPE splits head_dim / 2 rotary frequencies 2:3:3 over time, height and width: the
+    # 7B's [16, 24, 24] at head_dim 128, scaled to any head_dim; untied lm_head as in the 7B
     config = Qwen2_5_VLConfig(
         text_config=dict(spec["text"], num_hidden_layers=layers, max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section":
@@ -228,8 +266,10 @@ def shape_model(shape, layers):
         tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa",
+                                                        dtype=torch.float32)
     side = spec["image"]
+    # min and max pixels both side²: every image stays side x side, so the patch count is fixed
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size={"shortest_edge": side * side,
                                                                                 "longest_edge": side * side}),
                                     video_processor=Qwen2VLVideoProcessor(), tokenizer=tokenizer,
@@ -245,8 +285,8 @@ def shape_batch(processor, shape):
     examples = [tiny.colour_example(1, i) for i in range(PROMPTS)]
     for ex in examples:
         ex["images"] = [im.resize((side, side)) for im in ex["images"]]
-    batch, ipr = rollout.encode_prompts(processor, examples, "")
-    return rollout.take_rows(batch, ipr, torch.arange(PROMPTS).repeat_interleave(G))
+    batch, images_per_row = rollout.encode_prompts(processor, examples, "")
+    return rollout.take_rows(batch, images_per_row, torch.arange(PROMPTS).repeat_interleave(G))
 
 
 class Counters:
@@ -284,6 +324,7 @@ def launches(fn):
 
 
 def synced():
+    # the clock is read only once the GPU has finished the work queued so far
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
@@ -307,9 +348,9 @@ def child_shape(shape, variant, method):
         # ---- decode, with every decoder layer ----
         model, processor = shape_model(shape, spec["text"]["num_hidden_layers"])
         if variant == "after":
-            infra.fast_vision(model, "sdpa")
-        policy = infra.Policy(model)
-        sampler = infra.sampling_copy(policy, targs)
+            models.speed_up_vision(model, "sdpa")
+        policy = rollout.Policy(model)
+        sampler = parallel.sampling_copy(policy, targs)
         batch, _ = shape_batch(processor, shape)
         batch = rollout.to_device(batch, DEVICE)
         settings = rollout.sampling_settings(1.0, 1.0)
@@ -321,6 +362,7 @@ def child_shape(shape, variant, method):
         n = spec["new_tokens"]
         generate(2)                                                     # warm-up
         # decode time per token = (n tokens - 1 token) / (n - 1): prefill cancels out
+        # (min_new_tokens=n: no sequence stops early, so every call makes exactly n steps)
         t0 = synced()
         generate(1)
         prefill = synced() - t0
@@ -329,46 +371,61 @@ def child_shape(shape, variant, method):
         generate(n)
         total = synced() - t0
         counters.close()
+        # launches are counted in a call of their own: the profiler slows what it watches,
+        # so it stays out of the timed ones
         return dict(prefill_s=prefill, decode_ms=1e3 * (total - prefill) / (n - 1),
                     tokens_per_s=len(batch["input_ids"]) * n / total, rollout_patches=counters.patches,
                     rollout_launches=launches(lambda: generate(n)), prompt_len=batch["input_ids"].shape[1],
                     text_params=sum(p.numel() for p in model.model.language_model.parameters()),
                     lm_head=model.lm_head.weight.numel(), sdpa_rollout=counters.sdpa)
     # ---- one update step (score with focus, advantages, update), fewer decoder layers ----
+    # fp32 weights, gradients and AdamW's two moments take 16 bytes a parameter, ~133 GB for
+    # all of the 7B: `update_layers` decoder layers keep the step on one GPU, and MFU below
+    # counts only the layers that ran
     model, processor = shape_model(shape, spec["update_layers"])
     if variant == "after":
-        infra.fast_vision(model, "sdpa")
+        models.speed_up_vision(model, "sdpa")
     model.gradient_checkpointing_enable()
+    # a training forward needs no KV cache (HF would switch it off under checkpointing anyway)
     model.config.use_cache = False
-    policy = infra.Policy(model)
+    policy = rollout.Policy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
-    batch, row_ipr = shape_batch(processor, shape)
+    batch, row_images = shape_batch(processor, shape)
     n = len(batch["input_ids"])
     gen = torch.Generator().manual_seed(0)
+    # every row a full-length response (mask all True): the step's work is fixed by the shape
     responses = torch.randint(10, 90, (n, spec["response"]), generator=gen)   # character tokens, no EOS
-    roll = rollout.Rollout(prompts=batch, ipr=row_ipr, responses=responses,
+    roll = rollout.Rollout(prompts=batch, images_per_row=row_images, responses=responses,
                            mask=torch.ones(n, spec["response"], dtype=torch.bool),
-                           acc=torch.randint(0, 2, (n,), generator=gen).float(),
+                           reward=torch.randint(0, 2, (n,), generator=gen).float(),
                            group_ids=torch.arange(PROMPTS).repeat_interleave(G))
 
     def step():
         old_logp, focus = train.score_rollouts(policy, roll, targs, DEVICE, focus=method == "vgpo")
-        roll.adv, _ = train.token_advantages(roll, focus, train.vgpo_switches(targs)) if method == "vgpo" else (
-            torch.where(roll.mask, vgpo.grpo_advantages(roll.acc, roll.group_ids).unsqueeze(1), 0.0), None)
+        roll.adv, _ = (
+            train.token_advantages(roll, focus, train.vgpo_switches(targs)) if method == "vgpo" else
+            (torch.where(roll.mask, vgpo.grpo_advantages(roll.reward, roll.group_ids).unsqueeze(1), 0.0),
+             None))
         roll.old_logp = old_logp
-        train.update_policy(policy, optimizer, params, roll, targs, 1, DEVICE)
+        train.update_policy(policy, optimizer, params, roll, targs, parallel.Ranks(device=DEVICE))
 
     step()                                                              # warm-up (and AdamW's state)
+    # the peak from here is a steady step's, AdamW's state included (it lives on); a CPU's
+    # peak RSS is not reset, so there it covers the warm-up too
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     counters = Counters(model)
+    # the faster of two steps: the work is fixed, so noise can only add time
     times = []
     for _ in range(2):
         t0 = synced()
         step()
         times.append(synced() - t0)
     counters.close()
+    # counters // 2: per step, over the two timed steps; update_tokens: the prompt's real
+    # tokens (left padding excluded) plus the responses; rows come as G copies of a prompt
+    # with one image each, so every G-th image grid is a distinct image
     out.update(update_s=min(times), update_peak=peak_memory(), update_patches=counters.patches // 2,
                sdpa_update=counters.sdpa // 2, update_launches=launches(step),
                update_text_params=sum(p.numel() for p in model.model.language_model.layers.parameters()),
@@ -384,12 +441,15 @@ def shape_table(shape):
     if shape == "7b" and DEVICE.type != "cuda":
         raise SystemExit("--shape 7b builds 8.3B parameters (33 GB in fp32) and needs a GPU; "
                          "on a CPU, --shape small prints the same table at a CPU's size")
-    r = {(v, m): run_child(f"shape:{shape}:{v}:{m}") for v in ("before", "after") for m in ("decode", "vgpo", "grpo")}
-    gpu = next((v for k, v in GPUS.items() if DEVICE.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    r = {(v, m): run_child(f"shape:{shape}:{v}:{m}")
+         for v in ("before", "after") for m in ("decode", "vgpo", "grpo")}
+    gpu = next((v for k, v in GPUS.items() if DEVICE.type == "cuda" and k in torch.cuda.get_device_name()),
+               None)
     spec = SHAPES[shape]
     print(f"shape {shape}: {PROMPTS} prompts x G={G}, {spec['image']}x{spec['image']} images, "
-          f"{spec['text']['num_hidden_layers']} decoder layers for decode and {spec['update_layers']} for the "
-          f"update step; {DEVICE.type}" + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else ""))
+          f"{spec['text']['num_hidden_layers']} decoder layers for decode and {spec['update_layers']} "
+          f"for the update step; {DEVICE.type}"
+          + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else ""))
     rows = []
 
     def add(what, before, after, fmt, bound=None):
@@ -397,12 +457,17 @@ def shape_table(shape):
                      bound))
     b, a = r["before", "decode"], r["after", "decode"]
     # decode: bf16 weights of the decoder layers and lm_head, plus the KV cache, once a token
+    # kv: bytes of cache per token of context (K and V, every layer, bf16); the context grows
+    # from the prompt to prompt + new_tokens, so on average it is prompt + new_tokens / 2; the
+    # bound's % is the share of the bandwidth roofline each variant reaches
     kv = 2 * spec["text"]["num_hidden_layers"] * spec["text"]["num_key_value_heads"] * 2 * (
         spec["text"]["hidden_size"] // spec["text"]["num_attention_heads"])
     context = b["prompt_len"] + spec["new_tokens"] / 2
-    bound_ms = 1e3 * (2 * (b["text_params"] + b["lm_head"]) + PROMPTS * G * context * kv) / gpu[1] if gpu else None
-    add("decode, ms / step", b["decode_ms"], a["decode_ms"], "{:.2f}", bound_ms and f"{bound_ms:.2f} ms bound, "
-        f"{100 * bound_ms / b['decode_ms']:.0f}% -> {100 * bound_ms / a['decode_ms']:.0f}%")
+    bound_ms = (1e3 * (2 * (b["text_params"] + b["lm_head"]) + PROMPTS * G * context * kv) / gpu[1]
+                if gpu else None)
+    add("decode, ms / step", b["decode_ms"], a["decode_ms"], "{:.2f}",
+        bound_ms and f"{bound_ms:.2f} ms bound, "
+                     f"{100 * bound_ms / b['decode_ms']:.0f}% -> {100 * bound_ms / a['decode_ms']:.0f}%")
     add("decode, tokens / s", b["tokens_per_s"], a["tokens_per_s"], "{:,.0f}")
     add("prefill, s", b["prefill_s"], a["prefill_s"], "{:.3f}")
     add("rollout: vision patches encoded", b["rollout_patches"], a["rollout_patches"], "{:,}")
@@ -411,10 +476,14 @@ def shape_table(shape):
         b["rollout_launches"], a["rollout_launches"], "{:,}")
     b, a = r["before", "vgpo"], r["after", "vgpo"]
     # update: model FLOPs of the work that must be done (each distinct image once)
+    # 8 per parameter and token: 2 for step()'s no-grad scoring forward, 6 for the update's
+    # forward and backward; checkpointing's recompute is not counted (MFU counts the model's
+    # FLOPs, not the hardware's)
     flops = lambda x: 8 * (x["update_text_params"] * x["update_tokens"] + x["lm_head"] * x["response_tokens"]
                            + x["vision_params"] * x["distinct_patches"])
-    add("update step, s (VGPO)", b["update_s"], a["update_s"], "{:.2f}", gpu and
-        f"MFU {100 * flops(b) / b['update_s'] / gpu[0]:.1f}% -> {100 * flops(a) / a['update_s'] / gpu[0]:.1f}%")
+    add("update step, s (VGPO)", b["update_s"], a["update_s"], "{:.2f}",
+        gpu and f"MFU {100 * flops(b) / b['update_s'] / gpu[0]:.1f}% -> "
+                f"{100 * flops(a) / a['update_s'] / gpu[0]:.1f}%")
     add("update: vision patches encoded", b["update_patches"], a["update_patches"], "{:,}")
     add("update: attention calls", b["sdpa_update"], a["sdpa_update"], "{:,}")
     add("update: kernel launches" if DEVICE.type == "cuda" else "update: ATen op calls",
@@ -423,13 +492,18 @@ def shape_table(shape):
         vg, gr = r[v, "vgpo"], r[v, "grpo"]
         rows.append((f"VGPO / GRPO ({v}): time, memory", f"{vg['update_s'] / gr['update_s']:.3f}",
                      f"{vg['update_peak'] / gr['update_peak']:.3f}", float("nan"), None))
-    print(f"| {'what':<34} | {'before':>12} | {'after':>12} | {'after/before':>12} |" + (" bound |" if gpu else ""))
+    print(f"| {'what':<34} | {'before':>12} | {'after':>12} | {'after/before':>12} |"
+          + (" bound |" if gpu else ""))
     print(f"|{'-' * 36}|{'-' * 14}|{'-' * 14}|{'-' * 14}|" + ("---|" if gpu else ""))
     for what, before, after, ratio, bound in rows:
+        # nan != nan: rows without an after/before ratio (the VGPO / GRPO rows, or a zero
+        # "before") print it blank
         ratio = "" if ratio != ratio else f"{ratio:.3f}"
-        print(f"| {what:<34} | {before:>12} | {after:>12} | {ratio:>12} |" + (f" {bound or ''} |" if gpu else ""))
+        print(f"| {what:<34} | {before:>12} | {after:>12} | {ratio:>12} |"
+              + (f" {bound or ''} |" if gpu else ""))
 
 
+# a child runs its one case and exits here, before any of the parent's sections below
 if args.child:
     kind, *rest = args.child.split(":")
     if kind == "shape":
@@ -442,6 +516,8 @@ if args.child:
 
 
 def run_child(name):
+    # a fresh interpreter per case: its peak memory is its own, not the high-water mark of
+    # every case before it; its result is the last line of its stdout
     out = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True,
                          env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
     if out.returncode != 0:
@@ -455,6 +531,8 @@ def timed(fn, repeats):
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+    # the warm-up pays the one-off costs (allocations, thread pool start-up) outside the clock;
+    # the median is not moved by one call the OS interrupted
     fn()
     times = []
     for _ in range(repeats):
@@ -480,11 +558,14 @@ def read_run(out):
     """What one run logged: the validation curve (step 0 = the warm start) and summaries."""
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     # late minus early focus, not their ratio: a mean early focus near 0 makes the ratio explode
-    drift = lambda r, p="": r[f"{p}val_focus_late"] - r[f"{p}val_focus_early"] if f"{p}val_focus_late" in r else None
+    drift = lambda r, p="": (r[f"{p}val_focus_late"] - r[f"{p}val_focus_early"]
+                             if f"{p}val_focus_late" in r else None)
     val = [(0, rows[0]["start_val_acc"], drift(rows[0], "start_"))]
     val += [(r["step"], r["val_acc"], drift(r)) for r in rows if "val_acc" in r]
+    # the first validation step at 0.8 accuracy or above; None if the run never got there
     reach = next((step for step, acc, _ in val if acc >= 0.8), None)
-    summary = json.load(open(os.path.join(infra.latest_checkpoint(out), "eval", "summary.json")))["validation"]
+    summary = json.load(open(os.path.join(checkpoints.latest_checkpoint(out), "eval",
+                                          "summary.json")))["validation"]
     ratio = lambda k: summary.get(k, {}).get("late_minus_early", float("nan"))
     return dict(curve=val, start=val[0][1], final=val[-1][1], best=max(acc for _, acc, _ in val[1:]),
                 reach=reach, minutes=sum(r["time"] for r in rows) / 60,
@@ -503,8 +584,10 @@ def mean_sd(values):
 
 def vgpo_vs_dapo(seeds, runs_dir, jobs):
     methods = {"VGPO": [], "DAPO": ["--no_vgpo"]}
+    # eval_done is written only after eval.py finished: a run without it is (re)started
     todo = [(m, s) for s in range(seeds) for m in methods
             if not os.path.exists(os.path.join(runs_dir, f"{m.lower()}-{s}", "eval_done"))]
+    # the CPU's threads shared out between the runs at once, so they do not oversubscribe it
     threads = max(1, 2 // jobs) if torch.get_num_threads() <= 2 else max(1, torch.get_num_threads() // jobs)
     running = []
     while todo or running:
@@ -513,7 +596,8 @@ def vgpo_vs_dapo(seeds, runs_dir, jobs):
             out = os.path.join(runs_dir, f"{method.lower()}-{seed}")
             os.makedirs(out, exist_ok=True)
             # train (resumed if it was cut off), then score the final checkpoint with eval.py
-            cmd = (f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume {' '.join(methods[method])}"
+            cmd = (f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume "
+                   f"{' '.join(methods[method])}"
                    f" && {sys.executable} eval.py --ckpt {out} --image_ablation blank --focus"
                    f" && touch {out}/eval_done")
             print(f"{method} seed {seed}: {out} ({threads} threads)", flush=True)
@@ -524,11 +608,13 @@ def vgpo_vs_dapo(seeds, runs_dir, jobs):
                 running.remove((proc, out))
                 if proc.returncode:
                     raise SystemExit(f"{out} failed; see {out}/log.txt")
-    results = {m: [read_run(os.path.join(runs_dir, f"{m.lower()}-{s}")) for s in range(seeds)] for m in methods}
+    results = {m: [read_run(os.path.join(runs_dir, f"{m.lower()}-{s}")) for s in range(seeds)]
+               for m in methods}
 
     print(f"\nthe embedded default (python train.py), {seeds} seeds each: mean ± sd over seeds")
-    head = ["method", "warm start acc", "final val acc", "best val acc", "steps to 0.8", "late-early focus, right",
-            "late-early focus, wrong", "blank-image acc", "response tokens", "minutes"]
+    head = ["method", "warm start acc", "final val acc", "best val acc", "steps to 0.8",
+            "late-early focus, right", "late-early focus, wrong", "blank-image acc", "response tokens",
+            "minutes"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for m, runs in results.items():
         keys = ("start", "final", "best", "reach", "ratio_right", "ratio_wrong", "blank", "length", "minutes")
@@ -539,8 +625,8 @@ def vgpo_vs_dapo(seeds, runs_dir, jobs):
         a, b = ([r[k] for r in results[m] if r[k] is not None] for m in methods)
         if len(a) > 1 and len(b) > 1:
             se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-            print(f"{k}: VGPO - DAPO = {statistics.mean(a) - statistics.mean(b):+.3f}, standard error {se:.3f} "
-                  f"(resolvable: |difference| > {2 * se:.3f})")
+            print(f"{k}: VGPO - DAPO = {statistics.mean(a) - statistics.mean(b):+.3f}, "
+                  f"standard error {se:.3f} (resolvable: |difference| > {2 * se:.3f})")
     for m, runs in results.items():
         print(f"{m} per seed: final " + ", ".join(f"{r['final']:.3f}" for r in runs)
               + "; steps to 0.8 " + ", ".join(str(r["reach"]) for r in runs))
@@ -557,7 +643,8 @@ def plot_vgpo_vs_dapo(results, path):
         steps = [step for step, _, _ in runs[0]["curve"]]
         for ax, k in zip(axes, (1, 2)):
             # mean over seeds, and the band from the lowest to the highest seed
-            values = torch.tensor([[float("nan") if p[k] is None else p[k] for p in r["curve"]] for r in runs])
+            values = torch.tensor([[float("nan") if p[k] is None else p[k] for p in r["curve"]]
+                                   for r in runs])
             ax.plot(steps, values.nanmean(0), color=colour, marker="o", label=f"{method} ({len(runs)} seeds)")
             ax.fill_between(steps, values.min(0).values, values.max(0).values, color=colour, alpha=0.2)
     axes[0].set_ylabel("validation accuracy (greedy)")
@@ -584,23 +671,23 @@ def credit(ckpt, prompts=128, seed=40000):
     import rollout
     import train
     args = config.parse_args(["--task", "colour"], "")
-    model, processor, _ = infra.load_model(ckpt, args, torch.device("cpu"))
-    policy = infra.Policy(model)
-    data = infra.open_data("synthetic", "train", args, seed, prompts)       # held out: its own seed
+    model, processor, _ = models.load_model(ckpt, args, torch.device("cpu"))
+    policy = rollout.Policy(model)
+    data = dataset.open_data("synthetic", "train", args, seed, prompts)       # held out: its own seed
     examples = [dict(data[i], group=i, row=i) for i in range(prompts)]
-    counters = dict(long_prompts=0, bad_rows=0)
-    batch, ipr, examples = train.encode_examples(processor, examples, args, counters, data)
+    batch, images_per_row, examples, _ = train.encode_examples(processor, examples, args)
     rows = torch.arange(len(examples)).repeat_interleave(args.group_size)      # (n,)
     torch.manual_seed(seed)
-    responses, mask, _ = train.sample(policy, processor, batch, ipr, rows, args, torch.device("cpu"))
+    responses, mask, _ = train.sample(policy, processor, batch, images_per_row, rows, args,
+                                      torch.device("cpu"))
     texts = processor.batch_decode(torch.where(mask, responses, processor.tokenizer.pad_token_id),
                                    skip_special_tokens=True)
     golds = [examples[r]["answer"] for r in rows.tolist()]
     acc = torch.tensor(train.rewards(texts, golds, args))
     group_ids = rows.clone()
     keep = rollout.informative_groups(acc, group_ids)                        # mixed groups only
-    prompts_kept, ipr_kept = rollout.take_rows(batch, ipr, rows[keep])
-    roll = rollout.Rollout(prompts_kept, ipr_kept, responses[keep], mask[keep], acc[keep], group_ids[keep])
+    prompts_kept, images_kept = rollout.take_rows(batch, images_per_row, rows[keep])
+    roll = rollout.Rollout(prompts_kept, images_kept, responses[keep], mask[keep], acc[keep], group_ids[keep])
     _, focus = train.score_rollouts(policy, roll, args, torch.device("cpu"))
     _, st = train.token_advantages(roll, focus, train.vgpo_switches(args))
     psi, alpha, m = st["psi"], st["alpha"], roll.mask                          # (N, T), (N,), (N, T)
@@ -616,7 +703,7 @@ def credit(ckpt, prompts=128, seed=40000):
             for pos, g in zip((8, 10, 12), gold[1::2]):
                 digit[i, pos] = True
                 wrong_digit[i, pos] = text[pos] != g
-    right = roll.acc.bool()
+    right = roll.reward.bool()
     mean = lambda x, where: float(x[where].mean()) if where.any() else float("nan")
     other = m & ~digit
     out = dict(
@@ -668,13 +755,18 @@ rows = []  # (what, fast seconds, slow seconds)
 
 # ---- 1. advantages: vectorised vs per-token loop ----
 N, T = args.responses, args.tokens
+# 0/1 rewards like the accuracy reward, in groups of G consecutive responses
 rewards = torch.randint(0, 2, (N,)).float()
 group_ids = torch.arange(N) // args.group_size
+# ragged lengths as in a real rollout (responses end at different EOS), the longest
+# filling all T positions so the batch really is N x T
 lengths = torch.randint(T // 4, T + 1, (N,))
 lengths[0] = T
 response_mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)     # (N, T)
 focus = torch.randn(N, T)
 fast = timed(lambda: vgpo.vgpo_advantages(rewards, group_ids, focus, response_mask), args.repeats)
+# one timed call of each loop: they are slow enough (the torch-scalar one ~15 s, so not even
+# a warm-up) that repeats would add time but no precision
 slow = timed(lambda: naive_vgpo_advantages(rewards, group_ids, focus, response_mask), 1)
 rows.append((f"vgpo_advantages {N}x{T}, loop on Python floats", fast, slow))
 slow = timed(lambda: naive_vgpo_advantages(rewards, group_ids, focus, response_mask,
@@ -683,6 +775,7 @@ rows.append((f"vgpo_advantages {N}x{T}, loop on torch scalars", fast, slow))
 
 # ---- 2. visual focus: batched matmul vs per-token cosine loop ----
 Nf, Tf, P, D = 8, args.focus_tokens, 256, args.hidden
+# bf16 states, as the model hands them over under autocast; both sides promote to float32
 resp = torch.randn(Nf, Tf, D, dtype=torch.bfloat16)                     # (N, T, D)
 prompt = torch.randn(Nf, P, D, dtype=torch.bfloat16)                    # (N, P, D)
 image_mask = torch.zeros(Nf, P, dtype=torch.bool)
@@ -692,6 +785,7 @@ slow = timed(lambda: naive_visual_focus(resp, prompt, image_mask), 1)
 rows.append((f"visual_focus {Nf}x{Tf}, D={D}, cosine loop", fast, slow))
 
 # ---- report: the math ----
+# the thread count matters: the vectorised calls use every torch thread, the loops one
 print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
       f"torch {torch.__version__}")
 print(f"| {'benchmark':<48} | {'vectorised':>11} | {'naive loop':>11} | {'speed-up':>9} |")
@@ -704,21 +798,28 @@ if args.skip_children:
 
 # ---- 3. VGPO vs GRPO training step; 5. rollout throughput ----
 print()
-print(f"| {'training step (128 responses x 64 tokens)':<44} | {'GRPO':>10} | {'VGPO':>10} | {'VGPO/GRPO':>9} |")
+print(f"| {'training step (128 responses x 64 tokens)':<44} | {'GRPO':>10} | {'VGPO':>10} "
+      f"| {'VGPO/GRPO':>9} |")
 print(f"|{'-' * 46}|{'-' * 12}|{'-' * 12}|{'-' * 11}|")
 rollout_rows = []
+# VGPO/GRPO: the cost of VGPO's extra work (focus scores, token weights) on top of a GRPO
+# step; 1.000 would be free
 for size in ("tiny", "mid"):
     grpo, vg = run_child(f"step:{size}:grpo"), run_child(f"step:{size}:vgpo")
     label = f"{size} ({vg['params'] / 1e6:.1f}M params)"
-    print(f"| {label + ', time':<44} | {grpo['time']:>8.2f} s | {vg['time']:>8.2f} s | {vg['time'] / grpo['time']:>9.3f} |")
-    print(f"| {label + ', peak memory':<44} | {grpo['peak'] / 2**20:>7.0f} MB | {vg['peak'] / 2**20:>7.0f} MB | "
-          f"{vg['peak'] / grpo['peak']:>9.3f} |")
+    print(f"| {label + ', time':<44} | {grpo['time']:>8.2f} s | {vg['time']:>8.2f} s | "
+          f"{vg['time'] / grpo['time']:>9.3f} |")
+    print(f"| {label + ', peak memory':<44} | {grpo['peak'] / 2**20:>7.0f} MB | "
+          f"{vg['peak'] / 2**20:>7.0f} MB | {vg['peak'] / grpo['peak']:>9.3f} |")
+    # sampling does not depend on the method: the GRPO child's rollout speaks for both
     rollout_rows.append((label, grpo["tokens_per_s"]))
 
 # ---- 4. chunked vs full log-prob pass ----
+# chunk 0 = one full-logits block; the ratio is the share of its memory the chunks need
 full, chunked = run_child("logp:0"), run_child("logp:256")
 print()
-print(f"| {'log-prob pass, 4 x 1024 tokens, V=152064':<44} | {'full':>10} | {'chunk 256':>10} | {'ratio':>9} |")
+print(f"| {'log-prob pass, 4 x 1024 tokens, V=152064':<44} | {'full':>10} | {'chunk 256':>10} "
+      f"| {'ratio':>9} |")
 print(f"|{'-' * 46}|{'-' * 12}|{'-' * 12}|{'-' * 11}|")
 print(f"| {'memory added by forward + backward':<44} | {full['extra'] / 2**20:>7.0f} MB | "
       f"{chunked['extra'] / 2**20:>7.0f} MB | {chunked['extra'] / full['extra']:>9.3f} |")
@@ -730,10 +831,12 @@ for label, tps in rollout_rows:
 
 # ---- 6. rollout under FSDP (weights gathered) vs the plain model ----
 print()
-print(f"| {'rollout, 32 prompts x 64 new tokens, tokens/s':<44} | {'plain':>10} | {'FSDP2':>10} | {'ratio':>9} |")
+print(f"| {'rollout, 32 prompts x 64 new tokens, tokens/s':<44} | {'plain':>10} | {'FSDP2':>10} "
+      f"| {'ratio':>9} |")
 print(f"|{'-' * 46}|{'-' * 12}|{'-' * 12}|{'-' * 11}|")
 for size in ("tiny", "mid"):
     r = run_child(f"fsdpgen:{size}")
     # identical on CPU (fp32 both ways); on GPU the gathered weights are bf16, so samples drift
+    # ratio FSDP2 / plain: below 1 is what FSDP's hooks cost a decoding step
     label = f"{size}, 1 rank, " + ("same samples" if r["same"] else "samples differ")
     print(f"| {label:<44} | {r['plain']:>10,.0f} | {r['fsdp']:>10,.0f} | {r['fsdp'] / r['plain']:>9.3f} |")

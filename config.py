@@ -9,10 +9,18 @@ run must share with its checkpoint (check_same_run).
 """
 
 import argparse
+import os
 
-import infra
 import rollout
 import vgpo
+
+
+# Raw: the scripts' docstrings, whose launch commands and numbered lists are the --help text,
+# keep their line breaks. Defaults: a flag's help never has to repeat its default (and cannot
+# go stale); with a --preset, what is shown is the built-in default, not the preset's value.
+# train.py and eval.py both use it.
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows every flag's actual default."""
 
 # -----------------------------------------------------------------------------
 # configuration: defaults are the embedded tiny preset; --preset paper7b is the paper's
@@ -26,18 +34,24 @@ PRESETS = {
         val_data="PAPOGalaxy/PAPO_MMK12_test", val_split="train",
         # the instruction PAPO_eval's questions end with: trained and scored the same way
         instruction=rollout.INSTRUCTION, bare_answers=False,
-        # rollout: 512 prompts x G = 8 at temperature 1.0, top-p 0.99, DAPO resampling
+        # rollout: 512 prompts x G = 8 at temperature 1.0, top-p 0.99, DAPO resampling;
+        # prompts over 4096 tokens are dropped, never cut (a cut through the image tokens
+        # fails the forward); images between 512 x 512 and 2048 x 2048 pixels' worth
         rollout_batch=512, group_size=8, temperature=1.0, top_p=0.99, max_tries=4,
         max_prompt_len=4096, max_new_tokens=2048, min_pixels=262144, max_pixels=4194304,
-        # update: mini-batch 128 prompts, 2 epochs, AdamW 1e-6, no KL, grad clip 1.0
+        # update: mini-batch 128 prompts, 2 epochs, AdamW 1e-6, no KL, grad clip 1.0.
+        # 512 / 128 = 4 optimizer steps per rollout, each rollout used once (ppo_epochs 1);
+        # max_steps -1: the run lasts 2 passes over ViRL39K's prompts (epochs), not N steps
         mini_batch=128, ppo_epochs=1, epochs=2, max_steps=-1,
         lr=1e-6, weight_decay=1e-2, grad_clip=1.0, kl_coef=0.0,
         # VGPO: β, κ, γ as published; every switch on (the defaults)
         beta=0.3, kappa=0.2, gamma=0.5,
         # memory: 32 sequences a generate() call and 4 a forward fit 80 GB at the longest
-        # prompt and response (the plan printed at start-up; infra.memory_plan)
+        # prompt and response (the plan printed at start-up; models.memory_plan)
         micro_batch=4, gen_batch=32, val_batch=32,
         gradient_checkpointing=True, freeze_vision=False, fsdp=True,
+        # the whole validation set (val_size -1); val_focus off: it costs one more forward
+        # over every validation answer of up to 2048 tokens
         val_every=5, save_every=10, val_size=-1, val_max_new_tokens=2048, val_focus=False,
     ),
 }
@@ -47,39 +61,45 @@ PRESETS = {
 # colour task's. A --preset, then the command line, win over these.
 TASKS = {
     # "\boxed{r2g1b3}": 15 tokens, a chain of counts each read from the image, graded only
-    # from the \boxed{}, trained from the supervised warm start (infra.warm_start).
+    # from the \boxed{}, trained from the supervised warm start (tiny.warm_start).
     # 16 new tokens: the answer and its end token, plus one. Only the last \boxed{} is
     # graded, so without a bound the tiny policy learns to trail "}}}}" after it. A cosine
     # decay of the learning rate over 150 steps: at a constant 3e-4 a run fell from 0.99 to
     # 0.61 in its last 10 steps; a cosine over 80 steps stopped one at 0.76, and over 100
     # steps runs ended between 0.735 and 0.895 (seeds 0-2); at lr 5e-4 the answers grew past
     # the 16 tokens and validation stalled at 0.71-0.755.
-    "colour": dict(max_new_tokens=16, val_max_new_tokens=16, temperature=1.0, lr=3e-4, max_steps=150,
-                   lr_schedule="cosine", val_every=10, bare_answers=False),
+    "colour": dict(max_new_tokens=16, val_max_new_tokens=16, temperature=1.0, lr=3e-4,
+                   max_steps=150, lr_schedule="cosine", val_every=10, bare_answers=False),
     # the one-token counting task from random weights: the bare digit is the answer, since
     # a random model cannot write \boxed{}
-    "count": dict(max_new_tokens=2, val_max_new_tokens=2, temperature=1.0, lr=5e-4, max_steps=120,
-                  val_every=20, bare_answers=True),
+    # (2 new tokens: the one-digit count, 1 to 4, and the end token)
+    "count": dict(max_new_tokens=2, val_max_new_tokens=2, temperature=1.0, lr=5e-4,
+                  max_steps=120, val_every=20, bare_answers=True),
 }
 
 
 def build_parser(description=""):
-    p = argparse.ArgumentParser(description=description, formatter_class=infra.HelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     # ---- flags, under banners; --help shows each one's default ----
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="a named recipe; flags given on the command line still win")
     g.add_argument("--out_dir", default="out", help="metrics.jsonl, config.json and checkpoints/ go here")
+    # fresh when there is no run yet: one command both starts a job and continues it after a
+    # preemption
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in <out_dir>/checkpoints (fresh if "
                         "there is no run)")
     g.add_argument("--max_steps", type=int, default=150,
                    help="training steps; -1 = until --epochs passes of prompts have been drawn")
+    # counted in prompts drawn, not in steps: DAPO's resampling draws more than --rollout_batch
+    # prompts in some steps, so a step is not a fixed share of an epoch
     g.add_argument("--epochs", type=float, default=1.0,
                    help="with --max_steps -1: passes over the training prompts, counted in prompts drawn "
                         "(paper: 2)")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds the tiny model, the data order and the sampling")
+    # "always at the end": the last step's checkpoint is the one eval.py scores by default
     g.add_argument("--save_every", type=int, default=40,
                    help="checkpoint every N steps (and always at the end); 0 = only at the end")
     g.add_argument("--val_every", type=int, default=10,
@@ -89,10 +109,13 @@ def build_parser(description=""):
     g.add_argument("--model", default="tiny",
                    help="hub id or folder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint; 'tiny' = the "
                         "embedded model")
+    # off for the tiny model, on in paper7b: it buys memory with time (the forward runs again in
+    # backward), which only a 7B model needs
     g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute activations in backward to save memory (paper: on)")
     g.add_argument("--freeze_vision", action=argparse.BooleanOptionalAction, default=False,
                    help="do not train the vision tower (paper: trained)")
+    # on in paper7b; without it every rank keeps the whole model and AdamW state (data parallel)
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
                    help="under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2; see "
                         "README)")
@@ -106,6 +129,7 @@ def build_parser(description=""):
     g.add_argument("--train_split", default="train", help="split of --train_data (hub ids and folders)")
     g.add_argument("--val_data", default="synthetic",
                    help="as --train_data; 'synthetic' = a held-out set of --task")
+    # paper7b sets "train": PAPO_MMK12_test's only split is called train
     g.add_argument("--val_split", default="test", help="split of --val_data")
     g.add_argument("--val_size", type=int, default=200, help="validation examples (-1 = the whole set)")
     g.add_argument("--val_batch", type=int, default=100,
@@ -116,6 +140,8 @@ def build_parser(description=""):
                    help="also log the late/early visual focus of validation answers (one more forward)")
     g.add_argument("--skip_bad_rows", action="store_true",
                    help="skip (and count) rows with a missing image or answer instead of stopping")
+    # never truncated: a prompt cut through its image tokens makes the forward fail ("Image
+    # features and image tokens do not match")
     g.add_argument("--max_prompt_len", type=int, default=512,
                    help="prompts longer than this (tokens, images included) are dropped and counted, never "
                         "truncated")
@@ -126,6 +152,7 @@ def build_parser(description=""):
     g.add_argument("--instruction", default="",
                    help="appended to every problem (paper preset: reason in <think></think>, answer in "
                         "\\boxed{})")
+    # accuracy only, as the paper: no format reward, no length penalty
     g.add_argument("--reward", default="accuracy",
                    help="accuracy (the paper's: the last \\boxed{} graded), or module:function(texts, golds) "
                         "-> floats")
@@ -137,24 +164,29 @@ def build_parser(description=""):
     g = p.add_argument_group("rollout")
     g.add_argument("--rollout_batch", type=int, default=32,
                    help="prompts per step, all ranks together (paper: 512)")
+    # G >= 2 is enforced in parse_args: a group of one has no other response to be compared with
     g.add_argument("--group_size", type=int, default=8, help="G, responses sampled per prompt (paper: 8)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (paper: 0.99)")
     g.add_argument("--max_new_tokens", type=int, default=16, help="longest response (paper: 2048)")
+    # decoding reads every weight once per token, so its speed is the bytes read: bf16 halves them
     g.add_argument("--sample_dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights generate() samples with: auto = bfloat16 on a GPU (a bf16 copy of the "
-                        "policy, refreshed before each rollout: decoding reads half the bytes) and float32 on "
-                        "a CPU (the policy itself). Under --fsdp, FSDP's mixed precision decides (bf16 on a GPU)")
+                        "policy, refreshed before each rollout: decoding reads half the bytes) and float32 "
+                        "on a CPU (the policy itself). Under --fsdp, FSDP's mixed precision decides (bf16 "
+                        "on a GPU)")
     g.add_argument("--decode_cache", default="dynamic", choices=["dynamic", "static"],
                    help="KV cache of sampling: static preallocates prompt + --max_new_tokens, so that "
-                        "transformers compiles the decode step on a GPU (faster per token; compiles again when "
-                        "the batch or prompt length changes); the same samples either way")
+                        "transformers compiles the decode step on a GPU (faster per token; compiles again "
+                        "when the batch or prompt length changes); the same samples either way")
     g.add_argument("--max_tries", type=int, default=4,
                    help="DAPO dynamic sampling: rounds of sampling to fill the batch with informative groups")
+    # tiny: 32 prompts x G = 8 = 256 sequences, a whole sampling round in one call on one rank
     g.add_argument("--gen_batch", type=int, default=512,
                    help="sequences per generate() call: sets the KV cache (see the memory plan; paper7b: 32)")
 
     g = p.add_argument_group("VGPO (paper defaults)")
+    # one switch for the DAPO baseline; resolved in parse_args, so it wins over a preset
     g.add_argument("--no_vgpo", action="store_true",
                    help="plain DAPO/GRPO: turns intra, inter, compensation and gate off")
     g.add_argument("--intra", action=argparse.BooleanOptionalAction, default=True,
@@ -174,8 +206,10 @@ def build_parser(description=""):
                    help="compensation schedule (Eq. 5; paper: linear)")
 
     g = p.add_argument_group("update")
+    # tiny: mini_batch = rollout_batch, one optimizer step per rollout; paper7b: 512 / 128 = 4
     g.add_argument("--mini_batch", type=int, default=32,
                    help="prompts per optimizer step, all ranks together (paper: 128)")
+    # tiny, one rank: a mini-batch of 32 x 8 = 256 sequences goes through in 4 forward/backward passes
     g.add_argument("--micro_batch", type=int, default=64,
                    help="sequences per forward/backward on one rank (memory only: the gradient does not "
                         "depend on it)")
@@ -188,7 +222,10 @@ def build_parser(description=""):
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (paper: 1e-2)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (paper: 1.0)")
     g.add_argument("--clip_low", type=float, default=0.2, help="ε_low of the clipped ratio (paper: 0.2)")
+    # an upper bound wider than the lower lets unlikely tokens gain probability faster, against
+    # the entropy collapse of symmetric clipping (DAPO)
     g.add_argument("--clip_high", type=float, default=0.28, help="ε_high, DAPO clip-higher (paper: 0.28)")
+    # 0 also saves memory: a positive value loads a frozen copy of the starting model as reference
     g.add_argument("--kl_coef", type=float, default=0.0,
                    help="KL-to-reference coefficient; 0 = off (paper: off; 1e-2 when on)")
 
@@ -201,6 +238,7 @@ def build_parser(description=""):
                    help="run the vision tower's windows as one attention call per block (without "
                         "flash-attn) and encode each distinct image of a batch once, not once per response; "
                         "same numbers, fewer kernel launches (--no-fast_vision: transformers' own path)")
+    # off by default: it runs Python from the hub on this machine
     g.add_argument("--trust_remote_code", action="store_true",
                    help="allow model code from the hub (off unless asked for)")
     g.add_argument("--fsdp_offload", action="store_true",
@@ -209,8 +247,10 @@ def build_parser(description=""):
                    help="column of the problem text, with <image> placeholders")
     g.add_argument("--answer_key", default="answer", help="column of the gold answer")
     g.add_argument("--images_key", default="images", help="column of the images: paths, bytes or PIL images")
+    # off by default: a downloaded data file should not read files elsewhere on the machine
     g.add_argument("--allow_outside_paths", action="store_true",
                    help="let image paths in a data file be absolute or lead out of the file's folder with ..")
+    # a few bad rows are the data's; a large share means a wrong column or image root: stop
     g.add_argument("--max_bad_fraction", type=float, default=0.1,
                    help="with --skip_bad_rows: stop when more than this share of the rows read are bad")
     g.add_argument("--allow_changed", nargs="+", default=[], metavar="FLAG",
@@ -241,7 +281,9 @@ def build_parser(description=""):
     return p
 
 
-# settings that define a run: resuming with any of these changed is refused
+# settings that define a run: resuming with any of these changed is refused. Not here: what
+# changes only speed, memory or logging (micro_batch, gen_batch, attn, fsdp_offload, logp_chunk,
+# val_every, save_every, report_to, ...), which a resumed run may change freely
 RUN_IDENTITY = ("model", "train_data", "train_split", "problem_key", "answer_key", "images_key",
                 "skip_bad_rows", "seed", "task", "instruction", "bare_answers", "min_pixels", "max_pixels",
                 "max_prompt_len", "group_size", "rollout_batch", "mini_batch", "temperature", "top_p",
@@ -255,12 +297,15 @@ RUN_IDENTITY = ("model", "train_data", "train_split", "problem_key", "answer_key
 def parse_args(argv=None, description=""):
     """Parse flags; a --preset replaces the defaults, explicit flags still win."""
     parser = build_parser(description)
+    # parsed twice: the first pass only learns --task and --preset, whose values then become
+    # the defaults of the second pass
     args = parser.parse_args(argv)
     # the task's settings first, then the preset's: explicit flags win over both
     parser.set_defaults(**{**TASKS[args.task], **PRESETS.get(args.preset, {})})
     args = parser.parse_args(argv)
     if args.no_vgpo:
         args.intra = args.inter = args.compensation = args.gate = False
+    # checked here, before any model loads: a wrong flag costs seconds, not a 7B load
     if args.max_steps == 0:
         parser.error("--max_steps 0 trains nothing; give a positive number, or -1 for --epochs passes")
     for name in ("rollout_batch", "mini_batch", "micro_batch", "max_new_tokens", "max_tries", "gen_batch"):
@@ -274,20 +319,25 @@ def parse_args(argv=None, description=""):
     if unknown:
         parser.error(f"--allow_changed {unknown}: not a run-defining flag; those are "
                      f"{', '.join(RUN_IDENTITY)}")
+    # mini-batches are whole shares of the rollout: 512 / 128 = 4 (train.update_policy)
     if args.rollout_batch % args.mini_batch:
         parser.error(f"--rollout_batch {args.rollout_batch} is not a multiple of "
                      f"--mini_batch {args.mini_batch}")
     return args
 
 
-# what a checkpoint written before a flag existed did: its value of that flag
+# what a checkpoint written before a flag existed did: its value of that flag. Before --task,
+# the embedded task was the count task; before --sample_dtype, generate() read the fp32 policy
 BEFORE_THE_FLAG = {"task": "count", "sample_dtype": "float32"}
 
 
 def check_same_run(saved, args, path, master=True):
     """Refuse to resume with a flag that changes the run, unless --allow_changed names it."""
+    # the checkpoint's own values win; BEFORE_THE_FLAG fills only the flags it does not have
     saved = {**BEFORE_THE_FLAG, **saved}
+    # {flag: (checkpoint's value, now)}, e.g. {"lr": (1e-06, 2e-06)}
     changed = {k: (saved.get(k), getattr(args, k)) for k in RUN_IDENTITY if saved.get(k) != getattr(args, k)}
+    # allowed changes are said once (rank 0), since every rank runs this check
     for k in [k for k in changed if k in args.allow_changed]:
         if master:
             print(f"notice: --{k} changed from {changed[k][0]!r} (checkpoint) to {changed[k][1]!r} "
@@ -298,3 +348,26 @@ def check_same_run(saved, args, path, master=True):
         raise SystemExit(f"{path} belongs to a different run:\n{lines}\n"
                          f"Use the same settings to resume, a new --out_dir for a new run, or "
                          f"--allow_changed {' '.join(changed)} to change them deliberately.")
+
+
+def check_machine(args, ranks):
+    """The flags that depend on the machine and the ranks, checked (and --sample_dtype auto
+    resolved, so that config.json records what ran) once the ranks are known."""
+    # FSDP needs a process group, which only torchrun's environment sets up
+    if args.fsdp and "RANK" not in os.environ:
+        raise SystemExit("--fsdp shards over the ranks of torchrun: start with `torchrun --nproc_per_node N "
+                         "train.py --fsdp ...` (N = 1 is allowed, e.g. with --fsdp_offload)")
+    gpu = ranks.device.type == "cuda"
+    if args.fsdp_offload and not gpu:
+        raise SystemExit("--fsdp_offload moves the shards from GPU to CPU memory; without a GPU they are "
+                         "in CPU memory already: drop the flag")
+    # each rank draws rollout_batch / world prompts (train.py): a remainder would be lost silently
+    if args.rollout_batch % ranks.world:
+        raise SystemExit(f"--rollout_batch {args.rollout_batch} is not divisible by {ranks.world} ranks")
+    # the weights generate() reads (parallel.sampling_copy); resolved here, so that config.json
+    # records "bfloat16" or "float32" and a resume on other hardware is caught by check_same_run
+    if args.sample_dtype == "auto":
+        args.sample_dtype = "bfloat16" if gpu else "float32"
+    elif args.fsdp and args.sample_dtype != ("bfloat16" if gpu else "float32"):
+        raise SystemExit(f"--sample_dtype {args.sample_dtype}: under --fsdp the gathered weights are bf16 on "
+                         f"a GPU and fp32 on a CPU (FSDP's mixed precision); drop the flag")

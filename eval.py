@@ -32,11 +32,18 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-import infra
+import checkpoints
+import config
+import dataset
+import models
+import parallel
 import rollout
 
+# every benchmark of the paper's table is one split of this dataset; only testmini is not
 PAPO_EVAL = "PAPO-Galaxy/PAPO_eval"
 # name -> (hub dataset, split, paper 7B VGPO %, paper 7B DAPO %)
+# The paper's figures are printed beside ours in the table; None = no published figure.
+# GeoMath, in the paper's table, has no public copy, so it has no entry here.
 BENCHMARKS = {
     "mathvista": (PAPO_EVAL, "AI4Math_MathVista", 74.1, 68.7),
     "mathverse": (PAPO_EVAL, "AI4Math_MathVerse", 71.6, 69.6),
@@ -50,25 +57,32 @@ BENCHMARKS = {
     "mathvista_testmini": ("AI4Math/MathVista", "testmini", None, None),
 }
 # PAPO-Eval's preprocessing saves some splits under other names: data/papo/<name>.json
+# (find_split_file tries the split's own name first, then these)
 PREPROCESSED_NAMES = {"We_Math": ["We-Math_We-Math"],
                       "AI4Math_MathVerse_vision_dependent": ["AI4Math_MathVerse-vision-dependent"]}
+# the fix printed when most images fail to open (check_images, check_failures): the usual
+# cause is a copy of the dataset made without its zips
 PAPO_LAYOUT = ("PAPO_eval keeps its images only in zip files at the dataset root (<split>_images.zip; "
                "We_Math's is We-Math_We-Math_images.zip), while the rows name them "
                "./data/images/<folder>/<file>. Pass --data_dir with the whole hub snapshot, zips included "
                "(they are read in place), or with PAPO-Eval's preprocessed folder (data/papo/<name>.json "
                "and the zips extracted to data/images/)")
-BINS = 20  # relative-position bins of the focus curve
+# relative-position bins of the focus curve, each 1/20 of a response: a response of T tokens
+# reaches at most T of them (mean_curve skips the bins it does not reach)
+BINS = 20
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=infra.HelpFormatter)
-    # what to score
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=config.HelpFormatter)
+    # what to score; several checkpoints share one table and one plot (base vs trained, VGPO vs DAPO)
     p.add_argument("--ckpt", nargs="+", required=True,
                    help="train.py run folder or checkpoint, or a hub id / folder of a Qwen-VL model; "
                         "several = one curve each in --plot")
+    # no --bench: a train.py checkpoint is scored on the task it validated on, no download needed
     p.add_argument("--bench", nargs="+", default=None,
                    help=f"{', '.join(BENCHMARKS)} or all; default: the checkpoint's own validation task "
                         f"(a base model beside a train.py checkpoint borrows its task)")
+    # offline machines: the hub's layouts are read as they are, with no conversion step
     p.add_argument("--data_dir", default=None,
                    help="local copy of the benchmarks (offline): a PAPO_eval hub snapshot, PAPO-Eval's "
                         "data/papo + data/images, or split files; for mathvista_testmini, AI4Math/MathVista")
@@ -81,14 +95,18 @@ def build_parser():
                    help="image column of --data files: paths (relative to the file), bytes or PIL images")
     p.add_argument("--allow_outside_paths", action="store_true",
                    help="let image paths in a data file be absolute or lead out of its folder with ..")
+    # the FIRST N, not a random N: two checkpoints scored with --limit see the same samples
     p.add_argument("--limit", type=int, default=0,
                    help="score only the first N samples of each benchmark (0 = all)")
-    # how to score it (the paper's protocol by default)
+    # how to score it (the paper's protocol by default); --batch sets the KV cache: each of its
+    # prompts keeps up to --max_new_tokens cached tokens
     p.add_argument("--batch", type=int, default=16, help="prompts per greedy generate() call")
     p.add_argument("--max_new_tokens", type=int, default=2048,
                    help="longest response (paper: 2048); a checkpoint's own task uses its validation length")
+    # None, not "": an empty --instruction is a real choice (append nothing), None = the checkpoint's
     p.add_argument("--instruction", default=None,
                    help="appended to each question that has none; default: the training instruction")
+    # Look-Back's script, which the paper's numbers come from, uses 262,144 to 1,000,000 pixels
     p.add_argument("--min_pixels", type=int, default=0,
                    help="resize images to at least this many pixels (0 = the checkpoint's processor)")
     p.add_argument("--max_pixels", type=int, default=0,
@@ -98,11 +116,13 @@ def build_parser():
                    help="visual focus along each response: early/middle/late thirds, correct vs wrong")
     p.add_argument("--plot", default=None,
                    help="PNG of mean focus against relative position, one curve per --ckpt (implies --focus)")
+    # a model that scores as well without the image is not reading it: the table's "drop" column
     p.add_argument("--image_ablation", choices=["blank", "noise"], default=None,
                    help="also score with every image replaced by a blank (or noise) image of the same size")
     # where and how
     p.add_argument("--output_dir", default=None,
                    help="for summary.json and predictions.jsonl (default: <checkpoint>/eval, or eval/<name>)")
+    # auto: flash_attention_2 when importable on a GPU, else sdpa (models.pick_attention, as train.py)
     p.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa", "eager"],
                    help="attention kernel")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
@@ -116,13 +136,17 @@ def resolve_checkpoint(path):
     """A run folder -> its latest checkpoint; a checkpoint or model folder -> itself;
     anything else must look like a hub id ("org/name")."""
     if os.path.isdir(path):
-        latest = infra.latest_checkpoint(path)
+        # a run folder: its newest COMPLETE checkpoint, so a half-written last one is never scored
+        latest = checkpoints.latest_checkpoint(path)
         if latest:
             return latest
+        # a plain transformers folder (a checkpoint itself, or a downloaded base model)
         if os.path.exists(os.path.join(path, "config.json")):
             return path
         raise SystemExit(f"{path}: neither a model folder (no config.json) nor a train.py run "
                          f"(no checkpoints/latest)")
+    # a path-like name that is not a folder is a typo, not a hub id: said here, before
+    # from_pretrained would try the network with it
     if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise SystemExit(f"no checkpoint at {path}: give a train.py run folder, a checkpoint "
                          f"folder, or a hub id such as Qwen/Qwen2.5-VL-7B-Instruct")
@@ -131,6 +155,8 @@ def resolve_checkpoint(path):
 
 
 def training_config(ckpt):
+    # only train.py checkpoints carry vgpo_config.json (the flags of their run); a hub model
+    # has none, and None sends main to --bench or to another checkpoint's task
     path = os.path.join(ckpt, "vgpo_config.json")
     if not os.path.exists(path):
         return None
@@ -145,6 +171,8 @@ def find_split_file(root, split):
     for name in [split] + PREPROCESSED_NAMES.get(split, []):
         # the split's file at the root, one or two folders down, or sharded as <split>-00000-of-N
         for pattern in (f"{name}.*", f"*/{name}.*", f"*/*/{name}.*", f"{name}-*", f"*/{name}-*"):
+            # sorted, so that the pick does not depend on the file system's order; PAPO_eval
+            # ships each split as one file (-00000-of-00001), so the first hit is the whole split
             hits = sorted(h for h in glob.glob(os.path.join(root, pattern))
                           if h.endswith((".parquet", ".jsonl", ".json")))
             if hits:
@@ -161,7 +189,7 @@ class ImageFinder:
     (PAPO-Eval's extracted layout), root/images/geo/1.png (the data folder given as root),
     or the member geo/1.png (or data/images/geo/1.png) of a zip beside the parquet files
     (the hub's layout), read in place with no extraction. Other values (bytes, PIL
-    images, absolute paths) go to rollout.open_image.
+    images, absolute paths) go to dataset.open_image.
     """
 
     def __init__(self, root, split=None, allow_outside=False):
@@ -175,36 +203,47 @@ class ImageFinder:
             self.members = {}
             zips = sorted(glob.glob(os.path.join(self.root, "*.zip"))
                           + glob.glob(os.path.join(self.root, "data", "*.zip")))
+            # the split's own zip alone when present: another benchmark's zip may hold a
+            # member of the same name (geo/1.png), which would be ambiguous
             own = [z for z in zips if os.path.basename(z) in split_zip_names(self.split)]
             for path in own or zips:
+                # kept open: members are read on demand, never extracted to disk
                 archive = zipfile.ZipFile(path)
                 for name in archive.namelist():
+                    # folder entries end with "/" and are not images
                     if not name.endswith("/"):
+                        # "./geo/1.png" and "geo/1.png" name the same member
                         key = name.lstrip("./")
                         # None marks a member two zips share: opening it is refused, never guessed
                         self.members[key] = archive if key not in self.members else None
         return self.members
 
     def open(self, value):
+        # bytes, PIL images and absolute paths need no search; open_image applies the
+        # outside-path rule to an absolute path
         if not isinstance(value, str) or os.path.isabs(value):
-            return rollout.open_image(value, self.root, self.allow_outside)
+            return dataset.open_image(value, self.root, self.allow_outside)
         # "./data/images/geo/1.png" -> ["data", "images", "geo", "1.png"]
         parts = [p for p in value.replace("\\", "/").split("/") if p not in ("", ".")]
         if ".." in parts:                                # leads out of the data folder
-            return rollout.open_image(value, self.root, self.allow_outside)
+            return dataset.open_image(value, self.root, self.allow_outside)
         # the whole path first, then without its leading folders, down to <folder>/<file>:
-        # a bare file name could match an unrelated image of another benchmark
+        # a bare file name could match an unrelated image of another benchmark.
+        # ["data", "images", "geo", "1.png"] tries data/images/geo/1.png, images/geo/1.png,
+        # geo/1.png; a one-part path (a bare file name) is tried as it is
         for k in range(max(1, len(parts) - 1)):
             suffix = "/".join(parts[k:])
             path = os.path.join(self.root, *parts[k:])
+            # under root by construction (no ".." in parts): no outside-path check needed
             if os.path.isfile(path):
-                return rollout.open_image(path, self.root)
+                return dataset.open_image(path, self.root)
             if suffix in self._index():
                 archive = self.members[suffix]
                 if archive is None:
                     raise FileNotFoundError(f"{value}: {suffix} is in more than one zip under {self.root}; "
                                             f"keep only the split's own <split>_images.zip there")
-                return rollout.open_image(archive.read(suffix), self.root)
+                return dataset.open_image(archive.read(suffix), self.root)
+        # the error names the zips searched, so a missing split zip shows at once
         names = {os.path.basename(z.filename) for z in self._index().values() if z}
         zips = ", ".join(sorted(names)) or "no zip"
         raise FileNotFoundError(f"{value}: not found under {self.root} nor in its zip files ({zips})")
@@ -213,6 +252,7 @@ class ImageFinder:
 def split_zip_names(split):
     """The image zips PAPO_eval ships for a split: <split>_images.zip, and the names the
     hub uses instead for We_Math and PAPO_MMK12."""
+    # a --data file or the own validation task has no split zip of its own
     if split is None:
         return []
     return [f"{split}_images.zip"] + {"We_Math": ["We-Math_We-Math_images.zip"],
@@ -224,6 +264,7 @@ def mathvista_gold(row):
     letter: the gold becomes the letter. Example: choices ["3", "12"], answer "12" -> "B".
     Free-form answers stay as they are."""
     choices = row.get("choices") or []
+    # letters by position: choices[0] -> "A"; an answer not among the choices stays text
     if row.get("question_type") == "multi_choice" and row["answer"] in choices:
         return "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[choices.index(row["answer"])]
     return row["answer"]
@@ -232,9 +273,11 @@ def mathvista_gold(row):
 def sharegpt_fields(record):
     """PAPO_eval rows: messages = [user "<image>question", assistant gold]."""
     turns = record["messages"]
+    # the hub's rows use role/content, older ShareGPT dumps from/value: both are read
     text = lambda t: t.get("content", t.get("value"))
     role = lambda t: t.get("role", t.get("from"))
     question = next(text(t) for t in turns if role(t) in ("user", "human"))
+    # no assistant turn -> None, and load_benchmark stops naming the sample
     answer = next((text(t) for t in turns if role(t) in ("assistant", "gpt")), None)
     return question, answer
 
@@ -244,21 +287,24 @@ def read_rows(table, fields):
     back as (BadRowError, None, None): a bad row counted wrong, not a crash mid-eval."""
     rows = []
     for k in range(len(table)):
+        # pyarrow decodes a row's strings only when the row is read: a bad byte shows here
         try:
             rows.append(fields(table[k]))
         except UnicodeDecodeError as e:
-            rows.append((rollout.BadRowError(f"its text is not valid UTF-8 ({e})"), None, None))
+            rows.append((dataset.BadRowError(f"its text is not valid UTF-8 ({e})"), None, None))
     return rows
 
 
 def load_benchmark(name, args):
     """-> (list of samples {"id", "question", "answer", "images" (raw values)}, image root)."""
+    # a heavy import, needed only once a benchmark is actually loaded
     import datasets
 
     if name in BENCHMARKS:
         repo, split, _, _ = BENCHMARKS[name]
         if repo == PAPO_EVAL:
             root = args.data_dir
+            # no --data_dir: the whole snapshot, zips included, since the images live only in them
             if root is None:
                 try:
                     from huggingface_hub import snapshot_download
@@ -272,10 +318,12 @@ def load_benchmark(name, args):
                 raise SystemExit(f"benchmark {name}: no file for split {split!r} under {root}; expected "
                                  f"e.g. {os.path.join(root, split + '.parquet')}")
             # a split file holds one split; load_table reads it under the name "train"
-            table = rollout.load_table(path, "train", ("messages", "images"))
+            table = dataset.load_table(path, "train", ("messages", "images"))
             rows = read_rows(table, lambda r: sharegpt_fields(r) + (r["images"],))
             folder = os.path.dirname(os.path.abspath(path))
-            if folder.endswith(os.path.join("data", "papo")):   # PAPO-Eval's paths start beside data/
+            # PAPO-Eval's rows name ./data/images/..., relative to the folder that holds data/:
+            # from <root>/data/papo/<name>.json the root is two folders up
+            if folder.endswith(os.path.join("data", "papo")):
                 root = os.path.dirname(os.path.dirname(folder))
         else:  # AI4Math/MathVista testmini: query (with hint), answer, decoded_image
             try:
@@ -283,30 +331,37 @@ def load_benchmark(name, args):
             except Exception as e:
                 raise SystemExit(f"benchmark {name}: cannot load {repo} split {split} ({type(e).__name__}); "
                                  f"offline, pass --data_dir with a local copy of it") from None
+            # `query` is the question with its hint, the one that asks for the option letter
             rows = read_rows(table, lambda r: (r["query"], mathvista_gold(r), [r["decoded_image"]]))
+            # such a row's gold cannot become a letter (mathvista_gold): kept as text, and counted
+            # here so that a reader knows how many
             odd = sum(r["question_type"] == "multi_choice" and r["answer"] not in (r["choices"] or [])
                       for r in table.select_columns(["question_type", "answer", "choices"]))
             if odd:
-                print(f"warning: {name}: {odd} multiple-choice rows whose answer is not one of their choices "
-                      f"keep the answer text as gold", file=sys.stderr)
+                print(f"warning: {name}: {odd} multiple-choice rows whose answer is not one of their "
+                      f"choices keep the answer text as gold", file=sys.stderr)
+            # decoded_image is a PIL image already: no path is resolved against this root
             root = "."
     else:
+        # a --data file: its image paths are relative to the file's folder, as in train.py
         keys = (args.problem_key, args.answer_key, args.images_key)
-        table = rollout.load_table(name, "train", keys)
+        table = dataset.load_table(name, "train", keys)
         rows = read_rows(table, lambda r: tuple(r[k] for k in keys))
         root = os.path.dirname(os.path.abspath(name))
     # one sample per row, whatever happens to it: a bad row is kept, marked with its reason,
     # so that it is counted wrong in the denominator instead of silently leaving it
     samples = []
     for k, (question, answer, images) in enumerate(rows):
-        if isinstance(question, rollout.BadRowError) or question is None or not str(question).strip():
+        if isinstance(question, dataset.BadRowError) or question is None or not str(question).strip():
             reason = str(question) if question is not None else "no question text"
             samples.append({"id": k, "question": "", "answer": str(answer or ""), "images": [],
                             "error": reason})
             continue
+        # a missing gold is a broken file, not a wrong answer: nothing to grade against
         if answer is None or str(answer).strip() == "":
             raise SystemExit(f"benchmark {name}, sample {k}: no gold answer; fix the data or leave "
                              f"the sample out of the file")
+        # one value or a list of them; None = a question without an image: "x.png" -> ["x.png"]
         images = images if isinstance(images, (list, tuple)) else [images] if images is not None else []
         question = str(question)
         # questions without placeholders get them in front, one per image (as the hub rows do)
@@ -318,6 +373,7 @@ def load_benchmark(name, args):
             sample["error"] = (f"{marks} <image> placeholders but {len(images)} image(s); "
                                f"each image needs one placeholder")
         samples.append(sample)
+    # cut after the ids are given: the first N samples keep their row numbers as ids
     if args.limit:
         samples = samples[:args.limit]
     return samples, root
@@ -325,7 +381,9 @@ def load_benchmark(name, args):
 
 def own_validation(cfg):
     """The validation set a train.py run used (the synthetic held-out set by default)."""
-    data = infra.open_data(cfg.val_data, cfg.val_split, cfg, seed_offset=10_000, size=cfg.val_size)
+    # the same arguments as train.py's validation set (seed + 10_000, --val_size), so the
+    # same examples in the same order
+    data = dataset.open_data(cfg.val_data, cfg.val_split, cfg, seed_offset=10_000, size=cfg.val_size)
     samples = []
     for k in range(len(data)):
         ex = data[k]
@@ -338,21 +396,25 @@ def own_validation(cfg):
 
 def ablate(image, mode, seed):
     """A blank (black) or uniform-noise image of the same size."""
+    # the same size, so the processor makes the same number of image tokens: only the
+    # content the model could read is taken away, not the prompt's shape
     if mode == "blank":
         return Image.new("RGB", image.size, (0, 0, 0))
     g = torch.Generator().manual_seed(seed)
+    # (H, W, 3) uint8: PIL's size is (W, H)
     pixels = torch.randint(0, 256, (image.size[1], image.size[0], 3), generator=g, dtype=torch.uint8)
     return Image.fromarray(pixels.numpy())
 
 
 def prompt_text(question, instruction):
     """The user text sent: the question, plus the instruction unless it already has one."""
+    # ("How many squares?", I) -> "How many squares? I"; a PAPO_eval question comes back as it is
     return question if not instruction or rollout.has_instruction(question) else f"{question} {instruction}"
 
 
 @torch.no_grad()
-def run_benchmark(policy, processor, samples, finder, args, instruction, bare, max_new_tokens, ablation, rank,
-                  world, device):
+def run_benchmark(policy, processor, samples, finder, args, instruction, bare, max_new_tokens, ablation,
+                  rank, world, device):
     """Greedy answers for this rank's shard of `samples`; returns one record per sample.
 
     A sample whose images cannot be opened, or whose <image> marks and images disagree,
@@ -369,6 +431,8 @@ def run_benchmark(policy, processor, samples, finder, args, instruction, bare, m
         for smp in batch_samples:
             # one instruction per prompt: PAPO_eval's questions carry their own, nothing is appended
             prompt = prompt_text(smp["question"], instruction)
+            # every field filled, failures included, so that predictions.jsonl has one shape;
+            # the defaults are a wrong, empty answer
             rec = {"id": smp["id"], "question": smp["question"], "prompt": prompt, "gold": smp["answer"],
                    "image_ok": True, "response": "", "answer": None, "correct": False}
             # a bad row (placeholders and images disagree, text not UTF-8) is wrong, with its reason,
@@ -380,24 +444,30 @@ def run_benchmark(policy, processor, samples, finder, args, instruction, bare, m
             try:
                 images = [finder.open(v) for v in smp["images"]]
                 if ablation:
+                    # seeded by sample and image: the same noise whichever rank answers the
+                    # sample and for every checkpoint, so that ablated scores compare
                     images = [ablate(im, ablation, smp["id"] * 31 + j) for j, im in enumerate(images)]
             except Exception as e:
                 rec.update(image_ok=False, error=f"{type(e).__name__}: {e}")
                 records.append(rec)                      # counted wrong, never dropped
                 continue
+            # appended together: answers come back in the order of examples, matched to pending
             examples.append({"problem": prompt, "images": images, "answer": smp["answer"]})
             pending.append(rec)
+        # every sample of this batch failed: nothing to generate
         if not examples:
             continue
         # the instruction is already in each prompt (prompt_text), so none is added here;
         # greedy and graded exactly as train.py's validation
         answers = rollout.answer_greedily(policy, processor, examples, "", max_new_tokens=max_new_tokens,
                                           bare=bare, device=device, focus=args.focus)
+        # focus (when asked) is popped so that the per-token tensor stays out of the JSON record
         for rec, answer in zip(pending, answers):
             focus = answer.pop("focus", None)                    # (T,): one score per response token
             rec.update(answer)
             if focus is not None:
-                # the early / middle / late thirds and the curve, as training's log defines them
+                # the early / middle / late thirds and the curve, as training's log defines them;
+                # (1, T): one response, every position valid (focus holds only its own tokens)
                 mask = torch.ones(1, len(focus), dtype=torch.bool)
                 rec["focus_thirds"] = rollout.focus_profile(focus[None], mask)[0].tolist()
                 rec["focus_bins"] = rollout.focus_profile(focus[None], mask, BINS)[0].tolist()
@@ -406,7 +476,9 @@ def run_benchmark(policy, processor, samples, finder, args, instruction, bare, m
         gathered = [None] * world
         # CPU objects: the gloo half of the process group carries them, also on GPU machines
         dist.all_gather_object(gathered, records)
+        # every rank now holds every record (only rank 0 writes them)
         records = [r for part in gathered for r in part]
+    # by id: the order of a one-rank run, whatever the world size (samples[rank::world] interleaves)
     return sorted(records, key=lambda r: r["id"])
 
 
@@ -418,14 +490,15 @@ def check_images(name, samples, finder, first=16):
     checked = [s for s in samples if "error" not in s and s["images"]][:first]
     errors = []
     for smp in checked:
+        # opened and thrown away: only whether they open matters here
         try:
             [finder.open(v) for v in smp["images"]]
         except Exception as e:
             errors.append(f"{type(e).__name__}: {e}")
+    # more than half failing is a layout problem; a few bad files are scored wrong and listed
     if checked and len(errors) > len(checked) / 2:
         raise SystemExit(f"benchmark {name}: {len(errors)} of {len(checked)} samples checked have images "
-                         f"that "
-                         f"cannot be opened (first: {errors[0]}).\n{PAPO_LAYOUT}.")
+                         f"that cannot be opened (first: {errors[0]}).\n{PAPO_LAYOUT}.")
 
 
 def check_failures(name, summary, records):
@@ -449,15 +522,18 @@ def summarise(records, with_focus):
            "image_failures": sum(not r["image_ok"] for r in records),
            "bad_rows": sum(r.get("bad_row", False) for r in records)}
     if with_focus:
+        # by correctness, since the paper's claim is that wrong answers forget the image more;
+        # a failed sample has no focus and is in neither group
         for label, group in (("correct", [r for r in records if r["correct"] and "focus_thirds" in r]),
                              ("wrong", [r for r in records if not r["correct"] and "focus_thirds" in r])):
             if not group:
                 continue
             early, middle, late = (_nanmean([r["focus_thirds"][i] for r in group]) for i in range(3))
-            # a ratio of cosines only means something when the early mean is positive
+            # late minus early, not late / early: a difference of mean cosines is defined whatever
+            # their sign, while the ratio explodes when the early mean is near 0 (nan if a third
+            # is missing from every response of the group)
             out[f"focus_{label}"] = {"n": len(group), "early": early, "middle": middle, "late": late,
-                                     "late_minus_early": late - early,
-                                     "late_over_early": late / early if early > 0 else float("nan")}
+                                     "late_minus_early": late - early}
     return out
 
 
@@ -481,8 +557,10 @@ def mean_curve(records):
 
 
 def plot_curves(curves, path):
+    # imported only for --plot: scoring does not depend on matplotlib
     try:
         import matplotlib
+        # Agg renders to a file with no display: GPU nodes are usually headless
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -490,6 +568,7 @@ def plot_curves(curves, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     x = [(b + 0.5) / BINS for b in range(BINS)]        # the centre of each relative-position bin
     for label, curve in curves.items():
+        # bins no response reached are nan: left out, so the line joins the bins that have data
         pts = [(xi, yi) for xi, yi in zip(x, curve) if not math.isnan(yi)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xlabel("relative position in the response (0 = first token, 1 = last)")
@@ -509,10 +588,11 @@ def markdown_table(table, args):
         # drop = accuracy lost without the image: how much the score needs the image at all
         head += [f"{ablation} images %", "drop"]
     if args.focus:
-        head += ["focus early", "focus late", "late/early (correct)", "late/early (wrong)"]
+        head += ["focus early", "focus late", "late-early (correct)", "late-early (wrong)"]
     head += ["paper 7B VGPO %", "paper 7B DAPO %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ckpt, label, s in table:
+        # a --data file or the own validation task has no paper figure: "-"
         paper = BENCHMARKS.get(label, (None, None, None, None))
         row = [ckpt, label, str(s["n"]), str(s["image_failures"]), str(s["bad_rows"]),
                f"{100 * s['accuracy']:.1f}"]
@@ -525,9 +605,10 @@ def markdown_table(table, args):
             n = sum(g["n"] for g in groups) or 1
             early = sum(g["early"] * g["n"] for g in groups) / n
             late = sum(g["late"] * g["n"] for g in groups) / n
-            ratio = lambda k: ("-" if k not in s or math.isnan(s[k]["late_over_early"])
-                               else f"{s[k]['late_over_early']:.2f}")
-            row += [f"{early:.3f}", f"{late:.3f}", ratio("focus_correct"), ratio("focus_wrong")]
+            # late minus early of each group (summarise); "-" for an empty group or a nan one
+            drift = lambda k: ("-" if k not in s or math.isnan(s[k]["late_minus_early"])
+                               else f"{s[k]['late_minus_early']:+.3f}")
+            row += [f"{early:.3f}", f"{late:.3f}", drift("focus_correct"), drift("focus_wrong")]
         row += [f"{paper[2]:.1f}" if paper[2] else "-", f"{paper[3]:.1f}" if paper[3] else "-"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -540,14 +621,16 @@ def score_checkpoint(ckpt, cfg, names, args, rank, world, device):
     """Every benchmark of one checkpoint: summary.json and predictions.jsonl written to its
     output folder. Returns the summary {benchmark: {...}} and its mean focus curve."""
     master = rank == 0
+    # only the flags load_model reads: a hub model has no train.py config to pass
     load_args = SimpleNamespace(attn=args.attn, trust_remote_code=args.trust_remote_code,
                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     try:
-        model, processor, attn = infra.load_model(ckpt, load_args, device)
+        model, processor, attn = models.load_model(ckpt, load_args, device)
     except ValueError as err:                       # a named, explained failure: no traceback
         raise SystemExit(str(err)) from None
+    # inference only: dropout (if any) off
     model.eval()
-    policy = infra.Policy(model)                    # policy(fn, *args) runs fn(model, *args), as in training
+    policy = rollout.Policy(model)                  # policy.generate / policy.score, as in training
     # the instruction the checkpoint was trained with, so that it is scored on its own prompt
     instruction = args.instruction if args.instruction is not None else (
         cfg.instruction if cfg is not None else rollout.INSTRUCTION)
@@ -558,7 +641,9 @@ def score_checkpoint(ckpt, cfg, names, args, rank, world, device):
                      cfg.val_max_new_tokens))
     for name in names + args.data:
         samples, root = load_benchmark(name, args)
+        # a --data file is named after the file: bench/my_set.jsonl -> my_set
         label = name if name in BENCHMARKS else os.path.splitext(os.path.basename(name))[0]
+        # the split picks its own image zip (split_zip_names); a --data file has none
         split = BENCHMARKS[name][1] if name in BENCHMARKS else None
         finder = ImageFinder(root, split, args.allow_outside_paths)
         # a wrong image layout stops here, before any generation, with the fix
@@ -566,6 +651,7 @@ def score_checkpoint(ckpt, cfg, names, args, rank, world, device):
         jobs.append((label, samples, finder, False, args.max_new_tokens))
     summary, predictions, all_records = {}, [], []
     for label, samples, finder, bare, max_new in jobs:
+        # progress on stderr: stdout carries only the markdown table, so it can be redirected
         if master:
             print(f"{ckpt}: {label} ({len(samples)} samples, attention {attn}, "
                   f"{rollout.describe_sampling(0, 1.0)})", file=sys.stderr)
@@ -573,7 +659,8 @@ def score_checkpoint(ckpt, cfg, names, args, rank, world, device):
                                 None, rank, world, device)
         summary[label] = summarise(records, args.focus)
         check_failures(label, summary[label], records)
-        # one instruction per prompt: PAPO_eval's questions carry their own
+        # one instruction per prompt: PAPO_eval's questions carry their own. Written into
+        # summary.json, so that a score says which prompt produced it
         own = sum(rollout.has_instruction(s["question"]) for s in samples)
         summary[label]["instruction"] = (
             "none" if not instruction and not own else
@@ -589,10 +676,12 @@ def score_checkpoint(ckpt, cfg, names, args, rank, world, device):
                                     args.image_ablation, rank, world, device)
             summary[label][f"accuracy_{args.image_ablation}"] = summarise(ablated, False)["accuracy"]
             predictions += [dict(r, benchmark=label, ablation=args.image_ablation) for r in ablated]
+    # a hub id has no folder of its own: Qwen/Qwen2.5-VL-7B-Instruct -> eval/Qwen__Qwen2.5-VL-7B-Instruct
     out_dir = args.output_dir or (os.path.join(ckpt, "eval") if os.path.isdir(ckpt)
                                   else os.path.join("eval", ckpt.replace("/", "__")))
     if len(args.ckpt) > 1 and args.output_dir:      # one sub-folder per checkpoint
         out_dir = os.path.join(args.output_dir, os.path.basename(os.path.normpath(ckpt)))
+    # rank 0 alone writes: after the gather it holds every record
     if master:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
@@ -606,16 +695,21 @@ def score_checkpoint(ckpt, cfg, names, args, rank, world, device):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # the curve is made of focus values: --plot needs the extra forward of --focus
     if args.plot:
         args.focus = True
     names = args.bench or []
+    # all = the nine PAPO_eval splits of the paper's table; testmini, with no paper figure,
+    # is scored only when named
     if names == ["all"]:
         names = [n for n in BENCHMARKS if n != "mathvista_testmini"]
+    # checked before any model is loaded (minutes at 7B)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise SystemExit(f"unknown benchmark {unknown}; valid: {', '.join(BENCHMARKS)} or all")
     # under torchrun every rank answers a share of each benchmark (gloo carries the records)
-    rank, _, world, device = infra.setup_distributed()
+    ranks = parallel.start_ranks()
+    rank, world, device = ranks.rank, ranks.world, ranks.device
     ckpts = [resolve_checkpoint(c) for c in args.ckpt]
 
     # a model without a validation task of its own (e.g. the base model beside its trained
@@ -636,6 +730,7 @@ def main(argv=None):
         if args.plot:
             plot_curves(curves, args.plot)
             print(f"wrote {args.plot}", file=sys.stderr)
+    # only a torchrun start made a process group (parallel.start_ranks)
     if world > 1:
         dist.destroy_process_group()
 

@@ -2,28 +2,25 @@
 Rollout: prompts + images -> sampled responses -> rewards, and the scoring forward that
 turns (prompt, response) pairs into per-token log-probs and visual focus scores.
 
-Read top to bottom:
-  ---- data ----       rows in the ViRL39K schema (problem with <image> placeholders,
-                       answer, images) from a hub id, a local file or folder, or the
-                       synthetic task; every bad row is an error that names it
+Read after train.py and vgpo.py, top to bottom (reading and checking the data is in
+dataset.py; train.py receives examples {"problem", "answer", "images"}):
   ---- prompts ----    chat template + instruction, processor, left padding; take_rows
                        selects/repeats rows keeping pixel_values in the rows' order
   ---- sampling ----   HF generate with vision/chat-control ids suppressed; response
                        mask up to the first EOS, found by position
   ---- rewards ----    the last \\boxed{} graded by mathruler / math-verify
   ---- scoring ----    one forward -> log-probs at response positions + focus scores
+  ---- the policy ---- policy.generate(...) and policy.score(...): the two calls train.py
+                       and eval.py make, the same with or without FSDP
+  ---- greedy answers ---- validation's and eval.py's one scorer, and early / late focus
 """
 
-import io
-import json
 import math
-import os
 import re
 
 import torch
 import torch.utils.checkpoint
 from dataclasses import dataclass
-from PIL import Image
 
 import vgpo
 
@@ -38,211 +35,6 @@ def has_instruction(problem):
     """True if the problem already asks for <think> reasoning and a \\boxed{} answer (every
     PAPO_eval question does): nothing is appended to it then, never a second instruction."""
     return "<think>" in problem and "\\boxed" in problem
-
-
-class BadRowError(ValueError):
-    """A dataset row that cannot be used; the message names the source, the row and a fix."""
-
-
-# -----------------------------------------------------------------------------
-# ---- data ----
-
-def load_table(source, split, keys):
-    """Open a dataset: a hub id, or a local .parquet/.json/.jsonl file or folder.
-
-    keys: the column names of problem, answer and images. Returns a datasets.Dataset.
-    """
-    import datasets
-
-    if os.path.isfile(source):
-        kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}.get(os.path.splitext(source)[1])
-        if kind is None:
-            raise ValueError(f"{source}: unsupported file type; use .parquet, .json or .jsonl")
-        if kind == "json":
-            check_json_file(source)
-        elif os.path.getsize(source) == 0:
-            raise ValueError(f"{source} is empty")
-        try:
-            table = datasets.load_dataset(kind, data_files=source, split="train")
-        except Exception as e:
-            raise ValueError(f"{source} could not be read as {kind}: {type(e).__name__} {e}") from None
-    elif os.path.isdir(source):
-        found = [f for _, _, files in os.walk(source) for f in files
-                 if f.endswith((".parquet", ".json", ".jsonl", ".arrow", ".csv"))]
-        if not found:
-            raise ValueError(f"{source}: a folder without data files (.parquet, .json, .jsonl); point at the "
-                             f"dataset's folder, e.g. the one holding data/train-00000-of-00001.parquet")
-        try:
-            table = datasets.load_dataset(source, split=split)
-        except Exception as e:
-            raise ValueError(f"{source}: could not load split {split!r} from this folder: "
-                             f"{type(e).__name__} {e} (set --train_split / --val_split)") from None
-    else:
-        try:
-            table = datasets.load_dataset(source, split=split)
-        except Exception as e:  # offline, unknown id, missing split: say which and how
-            raise ValueError(f"could not load dataset {source!r} (split {split!r}): {e}\n"
-                             f"Offline? Download it elsewhere and pass a local file or folder "
-                             f"instead of the hub id.") from None
-    missing = [k for k in keys if k not in table.column_names]
-    if missing:
-        raise ValueError(f"{source}: no column {missing}; its columns are {table.column_names}. "
-                         f"Set --problem_key / --answer_key / --images_key to match.")
-    if len(table) == 0:
-        raise ValueError(f"{source} (split {split!r}) is empty")
-    return table
-
-
-def check_json_file(path):
-    """Refuse a .json/.jsonl file that the JSON reader would reject, naming the line.
-
-    datasets reports a bad line as a bare DatasetGenerationError, and a whitespace-only
-    file as 'Instruction "train" corresponds to no data!'. Text that is not UTF-8 is left
-    to the row it is in (a bad row: an error that names it, or a counted skip).
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data.strip():
-        raise ValueError(f"{path} is empty")
-    text = data.decode("utf-8", errors="replace")
-    if text.lstrip().startswith("["):                    # one JSON document, a list of rows
-        try:
-            json.loads(text)
-        except ValueError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); fix the file") from None
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({e}); "
-                                 f"fix or delete the line") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {number}: a JSON object (one row) is expected, got "
-                                 f"{type(row).__name__}")
-
-
-def open_image(value, base_dir, allow_outside=True):
-    """A path (relative to the data file), {"bytes", "path"}, raw bytes or a PIL image.
-
-    allow_outside=False refuses a path that is absolute or leads out of base_dir with
-    "..": a data file should not read files elsewhere on the machine unless asked to.
-    """
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value)).convert("RGB")
-    if isinstance(value, str):
-        path = value if os.path.isabs(value) else os.path.join(base_dir, value)
-        inside = os.path.realpath(path).startswith(os.path.join(os.path.realpath(base_dir), ""))
-        if not allow_outside and (os.path.isabs(value) or not inside):
-            raise ValueError(f"{value} lies outside the data folder {base_dir}; pass --allow_outside_paths "
-                             f"to read it")
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    raise ValueError(f"unsupported image value of type {type(value).__name__}")
-
-
-class Rows:
-    """Rows of a table as examples {"problem", "answer", "images", "id"}, converted lazily.
-
-    Every problem of a row is checked when the row is read: a missing answer, an image
-    that cannot be opened, or a count of <image> placeholders that differs from the
-    number of images raises BadRowError naming the source, the row and the fix.
-    """
-
-    def __init__(self, table, source, problem_key="problem", answer_key="answer",
-                 images_key="images", allow_outside=False):
-        self.table, self.source, self.allow_outside = table, source, allow_outside
-        self.keys = (problem_key, answer_key, images_key)
-        self.skipped = []                     # the first rows skipped by --skip_bad_rows, with why
-        self.base_dir = os.path.dirname(os.path.abspath(source)) if os.path.exists(source) else "."
-
-    def __len__(self):
-        return len(self.table)
-
-    def __getitem__(self, index):
-        problem_key, answer_key, images_key = self.keys
-        where = f"{self.source}, row {index}"
-        try:
-            record = self.table[int(index)]
-        except UnicodeDecodeError as e:                   # pyarrow decodes strings when a row is read
-            raise BadRowError(f"{where}: {self.fix(f'its text is not valid UTF-8 ({e})')}") from None
-        images = record.get(images_key) or []
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        problem, answer = record.get(problem_key), record.get(answer_key)
-        reason = self.text_problem(problem, answer, len(images))
-        if reason:
-            raise BadRowError(f"{where}: {reason}")
-        opened = []
-        for k, value in enumerate(images):
-            try:
-                opened.append(open_image(value, self.base_dir, self.allow_outside))
-            except Exception as e:
-                raise BadRowError(f"{where}: {self.fix(f'image {k} cannot be opened ({e})')}") from None
-        return {"problem": str(problem), "answer": str(answer).strip(), "images": opened,
-                "id": str(record.get("id", index))}
-
-    @staticmethod
-    def fix(reason):
-        return f"{reason}; fix the row or pass --skip_bad_rows to skip and count such rows"
-
-    def text_problem(self, problem, answer, n_images):
-        """What is wrong with a row's text, or None. Example: ("<image><image>How many?",
-        "2", 1) -> "2 <image> placeholders in the problem but 1 images; ..." """
-        problem_key, answer_key, _ = self.keys
-        if problem is None or str(problem).strip() == "":
-            return self.fix(f"no problem text in column {problem_key!r}")
-        if answer is None or str(answer).strip() == "":
-            return self.fix(f"no answer in column {answer_key!r}")
-        if str(problem).count("<image>") != n_images:
-            return (f"{str(problem).count('<image>')} <image> placeholders in the problem but {n_images} "
-                    f"images; each image needs one placeholder where it belongs in the text")
-        return None
-
-    def scan_text(self):
-        """[(row, message)] for every row whose text is unusable, without opening an image:
-        the same checks as reading the row, over the whole table in a few seconds, so that
-        a bad row is found at start-up rather than hours into a run. Images are still
-        checked when their row is read."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        problem_key, answer_key, images_key = self.keys
-        arrow = self.table.with_format("arrow")[:]
-
-        def strings(key):
-            column = arrow.column(key)
-            try:
-                return column.to_pylist(), {}
-            except UnicodeDecodeError:                    # find the rows one by one
-                values, undecodable = [], {}
-                for i, v in enumerate(column):
-                    try:
-                        values.append(v.as_py())
-                    except UnicodeDecodeError as e:
-                        values.append(""), undecodable.setdefault(i, e)
-                return values, undecodable
-
-        (problems, bad_p), (answers, bad_a) = strings(problem_key), strings(answer_key)
-        images = arrow.column(images_key)
-        if pa.types.is_list(images.type) or pa.types.is_large_list(images.type):
-            counts = pc.fill_null(pc.list_value_length(images), 0).to_pylist()
-        else:
-            counts = [0 if null else 1 for null in pc.is_null(images).to_pylist()]
-        bad = []
-        for i, (problem, answer, n) in enumerate(zip(problems, answers, counts)):
-            if i in bad_p or i in bad_a:
-                reason = self.fix(f"its text is not valid UTF-8 ({bad_p.get(i) or bad_a.get(i)})")
-            else:
-                reason = self.text_problem(problem, answer, n)
-            if reason:
-                bad.append((i, f"{self.source}, row {i}: {reason}"))
-        return bad
 
 
 # -----------------------------------------------------------------------------
@@ -283,7 +75,10 @@ def encode_prompts(processor, examples, instruction):
     """
     messages = [build_messages(ex["problem"], instruction) for ex in examples]
     texts = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # every image of the batch in row order: the processor expands each <image> mark in
+    # that order, so image k lands in the k-th placeholder
     images = [im for ex in examples for im in ex["images"]]
+    # left padding: generate() appends new tokens on the right, after every row's last token
     batch = processor(text=texts, images=images or None, padding=True, padding_side="left",
                       return_tensors="pt")
     batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -310,12 +105,14 @@ def take_rows(batch, images_per_row, rows):
     out = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
     # rows without any image get no pixel_values at all: an empty tensor fails the forward
     if "image_grid_thw" in batch and images_per_row[rows].sum() > 0:
+        # the images of each selected row, row by row: (images of the output,)
         first_image = images_per_row.cumsum(0) - images_per_row
         image_ids = _ranges(first_image[rows], images_per_row[rows])
         patches = batch["image_grid_thw"].prod(dim=1)                    # patches per image
         first_patch = patches.cumsum(0) - patches
         out["image_grid_thw"] = batch["image_grid_thw"][image_ids]
         out["pixel_values"] = batch["pixel_values"][_ranges(first_patch[image_ids], patches[image_ids])]
+    # a micro-batch of short prompts should not pay for a long prompt elsewhere in the batch
     pad = int((out["attention_mask"].cumsum(dim=1) == 0).sum(dim=1).min())
     for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
         if k in out:
@@ -338,7 +135,7 @@ def concat_prompt_batches(parts, pad_id):
             value = pad_id if key == "input_ids" else 0
             tensors = [torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value) for t in tensors]
         out[key] = torch.cat(tensors)
-    return out, torch.cat([ipr for _, ipr in parts])
+    return out, torch.cat([images_per_row for _, images_per_row in parts])
 
 
 def pad_right(tensors, value):
@@ -360,10 +157,10 @@ class Rollout:
     runs the same code, and so the same collectives, as every other rank.
     """
     prompts: dict              # the processor's batch, one row per response (pixel_values in row order)
-    ipr: torch.Tensor          # (N,) images per row; 0 for a text-only prompt
+    images_per_row: torch.Tensor          # (N,) images per row; 0 for a text-only prompt
     responses: torch.Tensor    # (N, T) sampled token ids
     mask: torch.Tensor         # (N, T) True up to and including the first EOS
-    acc: torch.Tensor          # (N,) the verifiable reward of each response
+    reward: torch.Tensor       # (N,) the verifiable reward of each response
     group_ids: torch.Tensor    # (N,) the prompt's id: rows with one id form a group
     # filled in later in the step, each (N, T): the sampling policy's log-probs (the PPO
     # ratio's denominator), the reference's (only with --kl_coef) and VGPO's advantages
@@ -372,15 +169,16 @@ class Rollout:
     adv: torch.Tensor = None
 
     def __len__(self):
-        return len(self.acc)
+        return len(self.reward)
 
     @classmethod
     def empty(cls):
         """Zero rows: a (0, 1) mask keeps every shape two-dimensional."""
         return cls(prompts={"input_ids": torch.zeros(0, 1, dtype=torch.long),
                             "attention_mask": torch.zeros(0, 1, dtype=torch.long)},
-                   ipr=torch.zeros(0, dtype=torch.long), responses=torch.zeros(0, 1, dtype=torch.long),
-                   mask=torch.zeros(0, 1, dtype=torch.bool), acc=torch.zeros(0),
+                   images_per_row=torch.zeros(0, dtype=torch.long),
+                   responses=torch.zeros(0, 1, dtype=torch.long),
+                   mask=torch.zeros(0, 1, dtype=torch.bool), reward=torch.zeros(0),
                    group_ids=torch.zeros(0, dtype=torch.long))
 
     @classmethod
@@ -388,15 +186,19 @@ class Rollout:
         """One rollout from the parts kept by several sampling rounds (empty if none)."""
         if not parts:
             return cls.empty()
-        prompts, ipr = concat_prompt_batches([(p.prompts, p.ipr) for p in parts], pad_id)
-        return cls(prompts=prompts, ipr=ipr, responses=pad_right([p.responses for p in parts], pad_id),
-                   mask=pad_right([p.mask for p in parts], False), acc=torch.cat([p.acc for p in parts]),
+        # the prompts of every round left-padded to one width, the responses right-padded
+        prompts, images_per_row = concat_prompt_batches([(p.prompts, p.images_per_row) for p in parts],
+                                                         pad_id)
+        return cls(prompts=prompts, images_per_row=images_per_row,
+                   responses=pad_right([p.responses for p in parts], pad_id),
+                   mask=pad_right([p.mask for p in parts], False),
+                   reward=torch.cat([p.reward for p in parts]),
                    group_ids=torch.cat([p.group_ids for p in parts]))
 
     def micro(self, rows, device):
         """Prompt batch, responses and mask of some rows, on `device`, trimmed to their
         longest response: a micro-batch of short answers never pays for a long one."""
-        prompts, _ = take_rows(self.prompts, self.ipr, rows)
+        prompts, _ = take_rows(self.prompts, self.images_per_row, rows)
         mask = self.mask[rows]
         width = max(1, int(mask.sum(dim=1).max()))
         responses = self.responses[rows, :width].to(device)                 # (n, width)
@@ -605,14 +407,14 @@ def custom_rewards(spec, texts, golds):
     return values
 
 
-def informative_groups(acc, group_ids, low=0.01, high=0.99):
+def informative_groups(rewards, group_ids, low=0.01, high=0.99):
     """DAPO dynamic sampling: keep groups whose mean accuracy is strictly in (low, high).
 
     A group where every response is right (or every one wrong) has zero advantage and
-    only dilutes the batch. Example: acc [1, 1, 0, 1], groups [0, 0, 1, 1] -> [F, F, T, T].
+    only dilutes the batch. Example: rewards [1, 1, 0, 1], groups [0, 0, 1, 1] -> [F, F, T, T].
     """
     _, index = torch.unique(group_ids, return_inverse=True)
-    mean = torch.zeros(int(index.max()) + 1).index_add_(0, index, acc.float())
+    mean = torch.zeros(int(index.max()) + 1).index_add_(0, index, rewards.float())
     mean = mean / torch.bincount(index).float()
     return (mean[index] > low) & (mean[index] < high)
 
@@ -660,8 +462,9 @@ def score(model, batch, responses, response_mask, *, temperature=1.0, focus=Fals
     inputs["input_ids"] = torch.cat([batch["input_ids"], responses], dim=1)
     inputs["attention_mask"] = torch.cat([batch["attention_mask"], response_mask.long()], dim=1)
     if "mm_token_type_ids" in batch:  # needed for the 3-D (M-RoPE) positions of image tokens
-        inputs["mm_token_type_ids"] = torch.cat(
-            [batch["mm_token_type_ids"], torch.zeros_like(responses, dtype=batch["mm_token_type_ids"].dtype)], dim=1)
+        # response tokens are text: type 0
+        text_type = torch.zeros_like(responses, dtype=batch["mm_token_type_ids"].dtype)
+        inputs["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], text_type], dim=1)
     # use_cache=False reaches the text model: a KV cache over every scored sequence is
     # memory that a single forward never reads
     hidden = model.model(**inputs, use_cache=False).last_hidden_state    # (B, P + T, D)
@@ -676,6 +479,36 @@ def score(model, batch, responses, response_mask, *, temperature=1.0, focus=Fals
 
 
 # -----------------------------------------------------------------------------
+# ---- the policy ----: the model behind train.py's and eval.py's two calls
+
+class Policy(torch.nn.Module):
+    """The model being trained, with the two things the algorithm asks of it as methods:
+
+        responses, mask, truncated = policy.generate(processor, batch, max_new_tokens=..., ...)
+        logp, focus = policy.score(prompts, responses, mask, focus=True)
+
+    generate() and score() call the model's parts in their own ways (model.generate, and
+    model.model + lm_head), never its forward. Under --fsdp that matters: FSDP2 gathers
+    the root unit's weights (embeddings, lm_head, ...) in the hooks of a forward. So
+    parallel.shard registers both methods as forward methods of this module
+    (register_fsdp_forward_method), and each call runs those hooks around it. Without
+    --fsdp they are plain calls. `policy.model` is the transformers model itself.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def generate(self, processor, batch, **settings):
+        """rollout.generate on this policy's model."""
+        return generate(self.model, processor, batch, **settings)
+
+    def score(self, prompts, responses, mask, **settings):
+        """rollout.score on this policy's model."""
+        return score(self.model, prompts, responses, mask, **settings)
+
+
+# -----------------------------------------------------------------------------
 # ---- greedy answers and visual focus: validation (train.py) and benchmarks (eval.py) ----
 
 @torch.no_grad()
@@ -683,7 +516,7 @@ def answer_greedily(policy, processor, examples, instruction, *, max_new_tokens,
     """Greedy answers to `examples`, each graded against its "answer": the one scoring
     function of train.py's validation and eval.py's benchmarks.
 
-    policy(fn, *args) runs fn(model, *args) (infra.Policy: under FSDP it runs the root's hooks).
+    policy: a Policy (its two calls run the root's hooks under FSDP).
     Returns one record per example, e.g. {"response": "\\boxed{r2g1b3}", "answer": "r2g1b3",
     "correct": True, "length": 15}, plus with focus=True "focus": the visual focus of each response
     token (vgpo.visual_focus, Step 1), a 1-D CPU tensor.
@@ -691,8 +524,8 @@ def answer_greedily(policy, processor, examples, instruction, *, max_new_tokens,
     batch = to_device(encode_prompts(processor, examples, instruction)[0], device)
     with autocast(device):
         # greedy, nothing taken from the checkpoint's generation_config: the paper's protocol
-        responses, mask, _ = policy(generate, processor, batch, max_new_tokens=max_new_tokens, temperature=0)
-        scores = policy(score, batch, responses, mask, focus=True)[1] if focus else None      # (B, T)
+        responses, mask, _ = policy.generate(processor, batch, max_new_tokens=max_new_tokens, temperature=0)
+        scores = policy.score(batch, responses, mask, focus=True)[1] if focus else None       # (B, T)
     # positions after the first EOS are padding whatever their value (pad may equal EOS)
     texts = processor.batch_decode(torch.where(mask, responses, processor.tokenizer.pad_token_id),
                                    skip_special_tokens=True)

@@ -440,7 +440,10 @@ import subprocess
 import sys
 import types
 
-import infra
+import checkpoints
+import dataset
+import models
+import parallel
 import rollout
 import tiny
 import config
@@ -460,8 +463,8 @@ def tiny_model(tiny_model_dir):
 
 
 # a few cheap steps: small batches, tiny validation
-FAST = ["--task", "count", "--rollout_batch", "8", "--mini_batch", "4", "--group_size", "8", "--val_size", "16",
-        "--val_every", "2", "--save_every", "2", "--max_tries", "4"]
+FAST = ["--task", "count", "--rollout_batch", "8", "--mini_batch", "4", "--group_size", "8",
+        "--val_size", "16", "--val_every", "2", "--save_every", "2", "--max_tries", "4"]
 
 
 def read_metrics(out_dir):
@@ -490,15 +493,15 @@ def test_repeating_prompts_keeps_each_rows_images_in_order(tiny_model):
                   for j in range(n_images)]
         examples.append({"problem": "<image>" * n_images + "How many?", "answer": ex["answer"],
                          "images": images})
-    batch, ipr = rollout.encode_prompts(processor, examples, "")
+    batch, images_per_row = rollout.encode_prompts(processor, examples, "")
     rows = torch.tensor([2, 0, 0, 1, 2, 1])                              # any order, repeats
-    got, got_ipr = rollout.take_rows(batch, ipr, rows)
-    want, want_ipr = rollout.encode_prompts(processor, [examples[r] for r in rows.tolist()], "")
+    got, got_images = rollout.take_rows(batch, images_per_row, rows)
+    want, want_images = rollout.encode_prompts(processor, [examples[r] for r in rows.tolist()], "")
     assert torch.equal(got["image_grid_thw"], want["image_grid_thw"])
     assert torch.equal(got["pixel_values"], want["pixel_values"])
     assert torch.equal(got["input_ids"], want["input_ids"])
     assert torch.equal(got["attention_mask"], want["attention_mask"])
-    assert torch.equal(got_ipr, want_ipr)
+    assert torch.equal(got_images, want_images)
 
 
 def test_sampled_responses_never_contain_vision_or_chat_control_tokens(tiny_model):
@@ -540,7 +543,8 @@ def test_a_few_training_steps_change_the_weights_and_keep_losses_finite(tiny_mod
     before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     after = load_file(os.path.join(out, "checkpoints", "step_000002", "model.safetensors"))
     changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert any("visual" in k for k in changed) and any("language_model" in k or "layers" in k for k in changed)
+    assert (any("visual" in k for k in changed)
+            and any("language_model" in k or "layers" in k for k in changed))
     # on a CPU, --sample_dtype auto samples with the float32 policy itself, and says so
     with open(os.path.join(out, "checkpoints", "step_000002", "vgpo_config.json")) as f:
         assert json.load(f)["sample_dtype"] == "float32"
@@ -577,9 +581,10 @@ def test_two_process_torchrun_keeps_both_ranks_weights_identical(tiny_model_dir,
 
 def torchrun(args, timeout=600):
     """Run `python -m torch.distributed.run --nproc_per_node 2 <args>` in this folder (gloo, CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"] + args
-    result = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=timeout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517"] + args
+    result = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
@@ -590,7 +595,8 @@ def fixed_rollout(processor, groups):
     """
     if not groups:
         return rollout.Rollout.empty()
-    batch, ipr = rollout.encode_prompts(processor, [tiny.counting_example(7, g) for g in groups], "")
+    batch, images_per_row = rollout.encode_prompts(processor,
+                                                   [tiny.counting_example(7, g) for g in groups], "")
     rows = torch.arange(len(groups)).repeat_interleave(8)
     responses, mask, acc = [], [], []
     for g in groups:
@@ -599,8 +605,9 @@ def fixed_rollout(processor, groups):
         responses.append(torch.randint(3, 60, (8, 6), generator=gen))
         mask.append(torch.arange(6) < lengths.unsqueeze(1))
         acc.append(((torch.arange(8) + g) % 3 == 0).float())
-    return rollout.Rollout(prompts=rollout.take_rows(batch, ipr, rows)[0], ipr=ipr[rows],
-                           responses=torch.cat(responses), mask=torch.cat(mask), acc=torch.cat(acc),
+    return rollout.Rollout(prompts=rollout.take_rows(batch, images_per_row, rows)[0],
+                           images_per_row=images_per_row[rows],
+                           responses=torch.cat(responses), mask=torch.cat(mask), reward=torch.cat(acc),
                            group_ids=torch.tensor(groups).repeat_interleave(8))
 
 
@@ -609,21 +616,23 @@ def one_update(model_dir, groups, mini_batches, fsdp, world=1):
 
     Returns (the logged sums, the full weights after the update; under FSDP on rank 0).
     """
-    args = train.parse_args(["--task", "count", "--model", model_dir, "--rollout_batch", "4", "--group_size", "8",
-                             "--mini_batch", str(4 // mini_batches), "--micro_batch", "8"] + ["--fsdp"] * fsdp)
+    args = train.parse_args(["--task", "count", "--model", model_dir, "--rollout_batch", "4",
+                             "--group_size", "8", "--mini_batch", str(4 // mini_batches),
+                             "--micro_batch", "8"] + ["--fsdp"] * fsdp)
     device = torch.device("cpu")
-    model, processor, _ = infra.load_model(model_dir, args, device, move=not fsdp)
-    policy = infra.Policy(model)
+    model, processor, _ = models.load_model(model_dir, args, device, move=not fsdp)
+    policy = rollout.Policy(model)
     if fsdp:
-        infra.shard(policy, device)
+        parallel.shard(policy, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     roll = fixed_rollout(processor, groups)
-    with infra.full_weights(policy):                 # gathers: every rank enters it
+    with parallel.full_weights(policy):                 # gathers: every rank enters it
         roll.old_logp, focus = train.score_rollouts(policy, roll, args, device)
     roll.adv, _ = train.token_advantages(roll, focus, {})
-    probe = infra.fsdp_probe(processor, tiny.CountingTask(3, 4), args) if fsdp else None
-    sums = train.update_policy(policy, optimizer, params, roll, args, world, device, probe=probe)
+    probe = parallel.fsdp_probe(processor, tiny.CountingTask(3, 4), args) if fsdp else None
+    ranks = parallel.Ranks(int(os.environ.get("RANK", 0)), world, device)
+    sums = train.update_policy(policy, optimizer, params, roll, args, ranks, probe=probe)
     assert sums.pop("updates") == mini_batches
     if not fsdp:
         return sums, model.state_dict()
@@ -705,17 +714,18 @@ def test_under_fsdp_a_text_only_prompt_is_refused_by_row_or_counted(tiny_model, 
     model, processor = tiny_model
     rows = counting_rows(3) + [{"problem": "How many squares?", "answer": "2"}]
     path = write_virl_rows(str(tmp_path / "d"), rows)
-    data = rollout.Rows(rollout.load_table(path, "train", ("problem", "answer", "images")), path)
+    data = dataset.Rows(dataset.load_table(path, "train", ("problem", "answer", "images")), path)
     flags = ["--fsdp", "--train_data", path, "--rollout_batch", "4", "--group_size", "2", "--mini_batch", "4",
              "--max_tries", "1"]
-    counters = dict(bad_rows=0, long_prompts=0, sampled_groups=0, zero_std_groups=0, reward_sum=0.0,
-                    len_sum=0.0, truncated=0, responses=0, tries=0)
-    collect = lambda args: train.collect_rollouts(infra.Policy(model), processor, data, infra.PromptStream(4, 0),
-                                                  args, 0, 1, torch.device("cpu"), counters)
+    def collect(args):
+        bad_rows = dataset.BadRows("training data", args)
+        _, counts = train.collect_rollouts(rollout.Policy(model), processor, data, dataset.PromptStream(4, 0),
+                                           args, parallel.Ranks(), bad_rows)
+        return bad_rows, counts
     with pytest.raises(SystemExit, match="row 3 has no image; under --fsdp"):
         collect(train.parse_args(flags))
-    collect(train.parse_args(flags + ["--skip_bad_rows"]))
-    assert counters["bad_rows"] == 1 and counters["sampled_groups"] == 3
+    bad_rows, counts = collect(train.parse_args(flags + ["--skip_bad_rows"]))
+    assert bad_rows.in_step == 1 and counts["sampled_groups"] == 3
 
 
 def test_fsdp_refuses_to_start_without_torchrun(tiny_model_dir, tmp_path):
@@ -753,12 +763,12 @@ def test_the_real_path_loader_trains_on_local_jsonl_and_parquet(tiny_model_dir, 
     datasets.Dataset.from_list([{"problem": r["problem"], "answer": r["answer"],
                                  "images": [{"bytes": _png(r["images"][0]), "path": None}]}
                                 for r in counting_rows(6, seed=6)]).to_parquet(parquet)
-    rows = rollout.Rows(rollout.load_table(jsonl, "train", ("problem", "answer", "images")), jsonl)
+    rows = dataset.Rows(dataset.load_table(jsonl, "train", ("problem", "answer", "images")), jsonl)
     ex = rows[3]
     assert ex["answer"] == counting_rows(12)[3]["answer"] and ex["images"][0].size == (84, 84)
     out = str(tmp_path / "run")
-    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1", "--train_data", jsonl,
-                "--val_data", parquet] + FAST)
+    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1",
+                "--train_data", jsonl, "--val_data", parquet] + FAST)
     assert read_metrics(out)[-1]["sampled_groups"] > 0 and "val_acc" in read_metrics(out)[-1]
 
 
@@ -777,28 +787,27 @@ def test_bad_rows_are_errors_that_name_the_row_or_counted_skips(tiny_model_dir, 
         {"problem": "<image>How many squares?", "answer": "1", "images": good[0]["images"]},
     ])
     os.remove(os.path.join(tmp_path, "d", "img_10_0.png"))               # row 10: missing file
-    rows = rollout.Rows(rollout.load_table(path, "train", ("problem", "answer", "images")), path)
-    with pytest.raises(rollout.BadRowError, match="row 8: no answer"):
+    rows = dataset.Rows(dataset.load_table(path, "train", ("problem", "answer", "images")), path)
+    with pytest.raises(dataset.BadRowError, match="row 8: no answer"):
         rows[8]
-    with pytest.raises(rollout.BadRowError, match="row 9: 2 <image> placeholders .* but 1 images"):
+    with pytest.raises(dataset.BadRowError, match="row 9: 2 <image> placeholders .* but 1 images"):
         rows[9]
-    with pytest.raises(rollout.BadRowError, match="row 10: image 0 cannot be opened"):
+    with pytest.raises(dataset.BadRowError, match="row 10: image 0 cannot be opened"):
         rows[10]
-    counters = {"bad_rows": 0}
-    args = train.parse_args(["--task", "count", "--skip_bad_rows"])
-    kept = train.fetch_examples(rows, range(11), args, counters)
-    assert len(kept) == 8 and counters["bad_rows"] == 3
+    bad_rows = dataset.BadRows("training data", train.parse_args(["--task", "count", "--skip_bad_rows"]))
+    kept = dataset.fetch_examples(rows, range(11), bad_rows)
+    assert len(kept) == 8 and bad_rows.in_step == 3
 
 
 def test_bad_datasets_models_and_flags_are_refused_clearly(tiny_model_dir, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(Exception, match="empty|no column"):
-        rollout.load_table(str(empty), "train", ("problem", "answer", "images"))
+        dataset.load_table(str(empty), "train", ("problem", "answer", "images"))
     nocol = tmp_path / "nocol.jsonl"
     nocol.write_text(json.dumps({"question": "x", "answer": "1", "images": []}) + "\n")
     with pytest.raises(ValueError, match="--problem_key"):
-        rollout.load_table(str(nocol), "train", ("problem", "answer", "images"))
+        dataset.load_table(str(nocol), "train", ("problem", "answer", "images"))
     with pytest.raises(SystemExit):
         train.parse_args(["--task", "count", "--max_steps", "0"])
     assert "--max_steps 0 trains nothing" in capsys.readouterr().err
@@ -811,16 +820,18 @@ def test_bad_datasets_models_and_flags_are_refused_clearly(tiny_model_dir, tmp_p
     del cfg["image_token_id"]                     # falls back to a default outside the vocab
     json.dump(cfg, open(cfg_path, "w"))
     with pytest.raises(ValueError, match="no usable image_token_id"):
-        infra.load_model(broken, train.parse_args(["--task", "count"]), torch.device("cpu"))
+        models.load_model(broken, train.parse_args(["--task", "count"]), torch.device("cpu"))
 
 
 def test_resuming_another_runs_checkpoint_is_refused(tiny_model_dir, tmp_path):
     out = str(tmp_path / "run")
     train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1"] + FAST)
     with pytest.raises(SystemExit, match="different run(.|\n)*--lr"):
-        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2", "--resume", "--lr", "1e-4"] + FAST)
+        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2",
+                    "--resume", "--lr", "1e-4"] + FAST)
     with pytest.raises(SystemExit, match="already holds a run"):
-        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2"] + FAST)
+        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2"]
+                   + FAST)
 
 
 # =============================================================================
@@ -853,7 +864,7 @@ def test_eval_scores_the_trained_checkpoint_and_blank_images_fall_to_chance(trai
     evaluate.main(["--ckpt", trained_run, "--image_ablation", "blank"])
     table = capsys.readouterr().out
     assert "| validation | 200 |" in table
-    ckpt = infra.latest_checkpoint(trained_run)
+    ckpt = checkpoints.latest_checkpoint(trained_run)
     summary = json.load(open(os.path.join(ckpt, "eval", "summary.json")))["validation"]
     assert summary["accuracy"] >= 0.8
     # with blank images the model can only guess: each count 1 in 3, the answer 1 in 27
@@ -873,10 +884,10 @@ def test_eval_focus_and_plot_write_their_outputs(trained_run, tiny_model_dir, tm
                    "--focus", "--plot", png, "--output_dir", str(tmp_path / "ev"), "--max_new_tokens", "4"])
     assert os.path.getsize(png) > 10_000 and open(png, "rb").read(4) == b"\x89PNG"
     table = capsys.readouterr().out
-    assert table.count("| counting_local |") == 2 and "late/early" in table
-    for name in ("model", os.path.basename(infra.latest_checkpoint(trained_run))):
+    assert table.count("| counting_local |") == 2 and "late-early" in table
+    for name in ("model", os.path.basename(checkpoints.latest_checkpoint(trained_run))):
         s = json.load(open(tmp_path / "ev" / name / "summary.json"))["counting_local"]
-        assert {"early", "middle", "late", "late_over_early"} <= set(next(
+        assert {"early", "middle", "late", "late_minus_early"} <= set(next(
             v for k, v in s.items() if k.startswith("focus_")))
 
 
@@ -974,7 +985,8 @@ def test_a_training_step_does_not_depend_on_how_it_is_micro_batched(tiny_model_d
     for name, flags in {"one": ["--micro_batch", "64"], "rows5": ["--micro_batch", "5"],
                         "tokens": ["--micro_tokens", "150"], "chunk1": ["--logp_chunk", "1"]}.items():
         out = str(tmp_path / name)
-        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1", "--mini_batch", "8"]
+        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1",
+                    "--mini_batch", "8"]
                    + FAST[6:] + ["--rollout_batch", "8", "--group_size", "8"] + flags)
         row = read_metrics(out)[0]
         assert row["updates"] == 1
@@ -988,8 +1000,9 @@ def test_a_training_step_does_not_depend_on_how_it_is_micro_batched(tiny_model_d
 
 def test_token_budget_packs_rows_in_order():
     mask = torch.tensor([[1] * 10 + [0] * 40, [1] * 10 + [0] * 40, [1] * 40 + [0] * 10, [1] * 5 + [0] * 45])
-    roll = rollout.Rollout(prompts={"attention_mask": torch.ones(4, 20, dtype=torch.long)}, ipr=torch.zeros(4),
-                           responses=mask.long(), mask=mask.bool(), acc=torch.zeros(4), group_ids=torch.arange(4))
+    roll = rollout.Rollout(prompts={"attention_mask": torch.ones(4, 20, dtype=torch.long)},
+                           images_per_row=torch.zeros(4), responses=mask.long(), mask=mask.bool(),
+                           reward=torch.zeros(4), group_ids=torch.arange(4))
     args = train.parse_args(["--task", "count", "--micro_tokens", "100"])
     parts = train.micro_batches(roll, torch.arange(4), args)                 # lengths 30, 30, 60, 25
     assert [p.tolist() for p in parts] == [[0, 1], [2], [3]]
@@ -1015,10 +1028,11 @@ def test_sampling_ignores_the_generation_settings_a_checkpoint_ships(qwen_shippe
     processor = AutoProcessor.from_pretrained(qwen_shipped_config_dir)
     assert model.generation_config.top_k == 1 and model.generation_config.repetition_penalty == 1.05
     # G = 8 samples of one prompt at temperature 1: distinct, not one greedy answer 8 times
-    batch, ipr = rollout.encode_prompts(processor, [tiny.counting_example(3, 0)], "")
-    group, _ = rollout.take_rows(batch, ipr, torch.zeros(8, dtype=torch.long))
+    batch, images_per_row = rollout.encode_prompts(processor, [tiny.counting_example(3, 0)], "")
+    group, _ = rollout.take_rows(batch, images_per_row, torch.zeros(8, dtype=torch.long))
     torch.manual_seed(0)
-    responses, mask, _ = rollout.generate(model, processor, group, max_new_tokens=12, temperature=1.0, top_p=1.0)
+    responses, mask, _ = rollout.generate(model, processor, group, max_new_tokens=12, temperature=1.0,
+                                          top_p=1.0)
     assert len({tuple(r[m].tolist()) for r, m in zip(responses, mask)}) >= 6
     # greedy decoding equals plain argmax decoding: no repetition penalty, no top-k
     examples = [tiny.counting_example(4, i) for i in range(16)]
@@ -1051,10 +1065,10 @@ def test_cpu_tensors_have_a_backend_in_the_gpu_process_group():
     # NCCL has no CPU backend: counters and statistics on CPU tensors need gloo beside it.
     # A CPU cannot create an NCCL group, so the backend string is checked as torch parses it.
     from torch.distributed.distributed_c10d import BackendConfig
-    spec = infra.process_group_backend(cuda=True)
+    spec = parallel.process_group_backend(cuda=True)
     mapping = BackendConfig(spec).get_device_backend_map()
     assert mapping["cpu"] == "gloo" and mapping["cuda"] == "nccl"
-    assert infra.process_group_backend(cuda=False) == "gloo"
+    assert parallel.process_group_backend(cuda=False) == "gloo"
 
 
 def _rank_reward_script(tmp_path):
@@ -1089,11 +1103,11 @@ def test_text_only_and_mixed_batches_score_and_train(tiny_model, tiny_model_dir,
     model, processor = tiny_model
     examples = [tiny.counting_example(5, 0), {"problem": "What is 2 + 1?", "answer": "3", "images": []},
                 tiny.counting_example(5, 1), {"problem": "What is 1 + 1?", "answer": "2", "images": []}]
-    batch, ipr = rollout.encode_prompts(processor, examples, "")
+    batch, images_per_row = rollout.encode_prompts(processor, examples, "")
     responses = torch.randint(3, 60, (2, 5), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 5, dtype=torch.bool)
     for rows in ([1, 3], [0, 1]):                             # text only, then mixed
-        got, _ = rollout.take_rows(batch, ipr, torch.tensor(rows))
+        got, _ = rollout.take_rows(batch, images_per_row, torch.tensor(rows))
         alone, _ = rollout.encode_prompts(processor, [examples[r] for r in rows], "")
         with torch.no_grad():
             logp, _ = rollout.score(model, got, responses, mask)
@@ -1104,15 +1118,16 @@ def test_text_only_and_mixed_batches_score_and_train(tiny_model, tiny_model_dir,
     for name, rows in (("text", text), ("mixed", text[:4] + counting_rows(4))):
         path = write_virl_rows(str(tmp_path / name), rows)
         out = str(tmp_path / f"run_{name}")
-        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2", "--train_data", path,
-                    "--val_data", path] + FAST)
+        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2",
+                    "--train_data", path, "--val_data", path] + FAST)
         assert sum(r["sampled_groups"] for r in read_metrics(out)) >= 8
 
 
 def test_scoring_builds_no_kv_cache(tiny_model):
     model, processor = tiny_model
     seen = []
-    hook = model.model.language_model.register_forward_hook(lambda m, a, out: seen.append(out.past_key_values))
+    hook = model.model.language_model.register_forward_hook(
+        lambda m, a, out: seen.append(out.past_key_values))
     try:
         batch, _ = rollout.encode_prompts(processor, [tiny.counting_example(5, 0)], "")
         with torch.no_grad():
@@ -1128,10 +1143,11 @@ def qwen25_vl_7b_config():
     return Qwen2_5_VLConfig(
         text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                          num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=151655, video_token_id=151656, tie_word_embeddings=False)
 
 
@@ -1142,33 +1158,35 @@ def test_the_memory_plan_of_the_7b_preset_fits_one_node_of_80gb_cards():
     n_params = sum(p.numel() for p in model.parameters())
     assert 8.2e9 < n_params < 8.4e9
     args = train.parse_args(["--task", "count", "--preset", "paper7b"])
-    plan = infra.memory_plan(model.config, n_params, n_params, args, world=8)
+    plan = models.memory_plan(model.config, n_params, n_params, args, world=8)
     assert plan["kv_bytes_per_token"] == 28 * 2 * 4 * 128 * 2 == 57344          # 56 KiB a token, bf16
     assert plan["peak"] < 78 * 2**30, plan
     phases = sum(plan["rollout"].values()), sum(plan["update"].values())   # never at the same time
     assert plan["peak"] == sum(plan["static"].values()) + max(phases)
     old = train.parse_args(["--task", "count", "--preset", "paper7b", "--gen_batch", "256"])
     with pytest.raises(SystemExit, match="--gen_batch"):
-        infra.check_memory(infra.memory_plan(model.config, n_params, n_params, old, world=8), 80 * 2**30, old)
-    infra.check_memory(plan, 80 * 2**30, args)                               # fits: no error
+        models.check_memory(models.memory_plan(model.config, n_params, n_params, old, world=8),
+                            80 * 2**30, old)
+    models.check_memory(plan, 80 * 2**30, args)                               # fits: no error
     # greedy validation generates too: a larger --val_batch needs the same room
     big_val = train.parse_args(["--task", "count", "--preset", "paper7b", "--val_batch", "256"])
     with pytest.raises(SystemExit, match="--val_batch"):
-        infra.check_memory(infra.memory_plan(model.config, n_params, n_params, big_val, world=8), 80 * 2**30, big_val)
+        models.check_memory(models.memory_plan(model.config, n_params, n_params, big_val, world=8),
+                            80 * 2**30, big_val)
     # --fsdp_offload on one GPU: the fp32 shards, AdamW state and gradients are in CPU memory
     one = train.parse_args(["--task", "count", "--preset", "paper7b", "--fsdp_offload"])
-    offload = infra.memory_plan(model.config, n_params, n_params, one, world=1)
+    offload = models.memory_plan(model.config, n_params, n_params, one, world=1)
     assert offload["peak"] < 78 * 2**30 and sum(offload["cpu"].values()) == 16 * n_params
     with_ref = train.parse_args(["--task", "count", "--preset", "paper7b", "--kl_coef", "0.01"])
-    ref_plan = infra.memory_plan(model.config, n_params, n_params, with_ref, world=8)
+    ref_plan = models.memory_plan(model.config, n_params, n_params, with_ref, world=8)
     assert ref_plan["peak"] - plan["peak"] == 4 * n_params / 8                 # the reference's fp32 shards
 
 
 def test_epochs_count_the_prompts_consumed(tiny_model_dir, tmp_path):
     path = write_virl_rows(str(tmp_path / "d"), counting_rows(16))
     out = str(tmp_path / "run")
-    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--train_data", path, "--max_steps", "-1",
-                "--epochs", "1"] + FAST)
+    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--train_data", path,
+                "--max_steps", "-1", "--epochs", "1"] + FAST)
     rows = read_metrics(out)
     assert rows[-1]["data_position"] >= 16 > rows[-2]["data_position"] if len(rows) > 1 else True
     assert rows[-1]["data_position"] >= 16
@@ -1185,36 +1203,43 @@ def test_resume_refuses_every_changed_flag_that_changes_the_run(tiny_model_dir, 
     for flag, value in (("--temperature", "0.7"), ("--top_p", "0.9"), ("--max_new_tokens", "3"),
                         ("--max_prompt_len", "100"), ("--clip_high", "0.3"), ("--clip_low", "0.1"),
                         ("--ppo_epochs", "2"), ("--kl_kind", "k1"), ("--max_pixels", "100000"),
-                        ("--min_pixels", "1000"), ("--grad_clip", "0.5"), ("--bare_answers", "--no-bare_answers")):
+                        ("--min_pixels", "1000"), ("--grad_clip", "0.5"),
+                        ("--bare_answers", "--no-bare_answers")):
         with pytest.raises(SystemExit, match=f"different run(.|\n)*{flag}"):
-            train.main(common + ["--max_steps", "2", "--resume"] + ([value] if value.startswith("--") else [flag, value]))
+            train.main(common + ["--max_steps", "2", "--resume"]
+                       + ([value] if value.startswith("--") else [flag, value]))
 
 
 def test_the_paper_preset_reads_the_hub_datasets_as_they_are(tiny_model_dir, tmp_path):
     args = train.parse_args(["--task", "count", "--preset", "paper7b"])
     assert (args.train_data, args.train_split) == ("PAPOGalaxy/PAPO_ViRL39K_train", "train")
     assert (args.val_data, args.val_split) == ("PAPOGalaxy/PAPO_MMK12_test", "train")  # its only split
-    assert (args.temperature, args.top_p, args.group_size, args.rollout_batch, args.mini_batch) == (1.0, 0.99, 8, 512, 128)
-    assert (args.lr, args.weight_decay, args.epochs, args.max_new_tokens, args.max_prompt_len) == (1e-6, 1e-2, 2, 2048, 4096)
-    assert (args.min_pixels, args.max_pixels, args.beta, args.kappa, args.gamma) == (262144, 4194304, 0.3, 0.2, 0.5)
+    assert ((args.temperature, args.top_p, args.group_size, args.rollout_batch, args.mini_batch)
+            == (1.0, 0.99, 8, 512, 128))
+    assert ((args.lr, args.weight_decay, args.epochs, args.max_new_tokens, args.max_prompt_len)
+            == (1e-6, 1e-2, 2, 2048, 4096))
+    assert ((args.min_pixels, args.max_pixels, args.beta, args.kappa, args.gamma)
+            == (262144, 4194304, 0.3, 0.2, 0.5))
     virl, mmk12 = str(tmp_path / "PAPO_ViRL39K_train"), str(tmp_path / "PAPO_MMK12_test")
     smoke.write_hub_folder(virl, "train", smoke.virl_records(12, 5))
     smoke.write_hub_folder(mmk12, "train", smoke.virl_records(6, 6))
-    rows = infra.open_data(virl, "train", args, seed_offset=0, size=-1)   # marks mid-text, 2 images, LaTeX
+    rows = dataset.open_data(virl, "train", args, seed_offset=0, size=-1)   # marks mid-text, 2 images, LaTeX
     assert len(rows[2]["images"]) == 2 and rows[1]["problem"].startswith("Look at <image>")
     assert rows[3]["answer"].startswith("\\frac") and rollout.grade("1", rows[3]["answer"])
     out = str(tmp_path / "run")
-    train.main(["--task", "count", "--preset", "paper7b", "--no-fsdp", "--model", tiny_model_dir, "--out_dir", out,
-                "--train_data", virl, "--val_data", mmk12, "--max_steps", "1", "--min_pixels", "0",
-                "--max_pixels", "0", "--max_new_tokens", "2", "--val_max_new_tokens", "2", "--lr", "1e-4",
-                "--instruction", "", "--bare_answers", "--gradient_checkpointing"] + FAST[:6] + ["--val_size", "6"])
+    train.main(["--task", "count", "--preset", "paper7b", "--no-fsdp", "--model", tiny_model_dir,
+                "--out_dir", out, "--train_data", virl, "--val_data", mmk12, "--max_steps", "1",
+                "--min_pixels", "0", "--max_pixels", "0", "--max_new_tokens", "2",
+                "--val_max_new_tokens", "2", "--lr", "1e-4", "--instruction", "", "--bare_answers",
+                "--gradient_checkpointing"] + FAST[:6] + ["--val_size", "6"])
     assert read_metrics(out)[-1]["sampled_groups"] > 0 and "val_acc" in read_metrics(out)[-1]
 
 
 # ---- the paper's benchmarks as they are on the hub ----
 
 @pytest.mark.parametrize("layout", ["snapshot", "preprocessed"])
-def test_eval_reads_the_papo_benchmarks_in_their_hub_and_preprocessed_layouts(tiny_model_dir, tmp_path, layout):
+def test_eval_reads_the_papo_benchmarks_in_their_hub_and_preprocessed_layouts(tiny_model_dir, tmp_path,
+                                                                               layout):
     root = smoke.write_papo_eval(str(tmp_path / "PAPO_eval"), layout)
     out = tmp_path / "ev"
     evaluate.main(["--ckpt", tiny_model_dir, "--bench", "counting", "wemath", "--data_dir", root,
@@ -1230,14 +1255,15 @@ def test_eval_reads_the_papo_benchmarks_in_their_hub_and_preprocessed_layouts(ti
 
 
 def test_eval_reports_failed_images_and_stops_when_most_fail(tiny_model_dir, tmp_path, capsys):
-    root = smoke.write_papo_eval(str(tmp_path / "some"), "snapshot", splits=(("We_Math", "We-Math_We-Math_images.zip"),),
-                           missing=(2,))
+    root = smoke.write_papo_eval(str(tmp_path / "some"), "snapshot",
+                                 splits=(("We_Math", "We-Math_We-Math_images.zip"),), missing=(2,))
     evaluate.main(["--ckpt", tiny_model_dir, "--bench", "wemath", "--data_dir", root,
                    "--output_dir", str(tmp_path / "ev"), "--max_new_tokens", "2"])
     table = capsys.readouterr().out
     assert "images failed" in table and "| wemath | 4 | 1 |" in table
     # the images left behind (a parquet file copied without its zips): an error, not a 0.0
-    root = smoke.write_papo_eval(str(tmp_path / "none"), "snapshot", splits=(("We_Math", "We-Math_We-Math_images.zip"),))
+    root = smoke.write_papo_eval(str(tmp_path / "none"), "snapshot",
+                                 splits=(("We_Math", "We-Math_We-Math_images.zip"),))
     os.remove(os.path.join(root, "We-Math_We-Math_images.zip"))
     with pytest.raises(SystemExit, match="(?s)4 of 4 .*images.*zip.*--data_dir"):
         evaluate.main(["--ckpt", tiny_model_dir, "--bench", "wemath", "--data_dir", root,
@@ -1250,13 +1276,15 @@ def test_mathvista_testmini_multiple_choice_gold_becomes_its_option_letter(tmp_p
     rows = [dict(pid="1", question="Which is larger?", image="images/1.jpg", decoded_image=images[0],
                  choices=["3 cm", "12 cm", "5 cm"], unit=None, precision=None, answer="12 cm",
                  question_type="multi_choice", answer_type="text", metadata={"source": "x"},
-                 query="Hint: answer with the option letter.\nQuestion: Which is larger?\nChoices:\n(A) 3 cm\n(B) 12 cm\n(C) 5 cm"),
+                 query="Hint: answer with the option letter.\nQuestion: Which is larger?\nChoices:\n"
+                       "(A) 3 cm\n(B) 12 cm\n(C) 5 cm"),
             dict(pid="2", question="How many?", image="images/2.jpg", decoded_image=images[1], choices=None,
                  unit=None, precision=None, answer="12", question_type="free_form", answer_type="integer",
                  metadata={"source": "y"}, query="Hint: integer answer.\nQuestion: How many?"),
-            dict(pid="3", question="Pick", image="images/3.jpg", decoded_image=images[2], choices=["yes", "no"],
-                 unit=None, precision=None, answer="no", question_type="multi_choice", answer_type="text",
-                 metadata={"source": "z"}, query="Question: Pick\nChoices:\n(A) yes\n(B) no")]
+            dict(pid="3", question="Pick", image="images/3.jpg", decoded_image=images[2],
+                 choices=["yes", "no"], unit=None, precision=None, answer="no", question_type="multi_choice",
+                 answer_type="text", metadata={"source": "z"},
+                 query="Question: Pick\nChoices:\n(A) yes\n(B) no")]
     root = str(tmp_path / "MathVista")
     os.makedirs(os.path.join(root, "data"))
     features = datasets.Features(dict(
@@ -1287,7 +1315,8 @@ def test_eval_counts_a_row_whose_images_and_placeholders_disagree_as_wrong(tiny_
 
 
 def test_option_letters_in_latex_or_lower_case_are_graded_right():
-    for answer in ("B", "(B)", "\\text{B}", "\\text{(B)}", "\\mathrm{B}", "\\textbf{B}", "b", "(b)", "B. 12 cm"):
+    for answer in ("B", "(B)", "\\text{B}", "\\text{(B)}", "\\mathrm{B}", "\\textbf{B}", "b", "(b)",
+                   "B. 12 cm"):
         assert rollout.grade(answer, "B"), answer
     for answer in ("\\text{C}", "c", "NONE", "\\text{NONE}", "The answer is B", "bb"):
         assert not rollout.grade(answer, "B"), answer
@@ -1295,7 +1324,8 @@ def test_option_letters_in_latex_or_lower_case_are_graded_right():
 
 def test_the_smoke_script_runs_the_7b_preset_path_and_eval_on_two_ranks(tmp_path):
     # on a GPU machine this is the first thing to run (NCCL, bf16); here 2 CPU ranks with gloo
-    result = subprocess.run([sys.executable, "smoke.py", "--nproc", "2", "--work_dir", str(tmp_path / "smoke")],
+    result = subprocess.run([sys.executable, "smoke.py", "--nproc", "2",
+                             "--work_dir", str(tmp_path / "smoke")],
                             cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -1343,16 +1373,19 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(unbroken_run, tiny_
         assert "resuming from" in said and "step_000002" in said, name
         assert _strip(read_metrics(out)) == _strip(read_metrics(unbroken_run)), name
         assert not os.path.exists(os.path.join(ck, ".tmp_step_000006"))
-        assert infra.checkpoint_problem(os.path.join(ck, "step_000004")) is None
+        assert checkpoints.checkpoint_problem(os.path.join(ck, "step_000004")) is None
 
 
-def test_resume_without_any_complete_checkpoint_refuses_and_changes_nothing(unbroken_run, tiny_model_dir, tmp_path):
+def test_resume_without_any_complete_checkpoint_refuses_and_changes_nothing(unbroken_run, tiny_model_dir,
+                                                                             tmp_path):
     out, ck = _damaged_copy(unbroken_run, tmp_path)
     for step in ("step_000002", "step_000004"):
         os.remove(os.path.join(ck, step, "training_state.pt"))
     before = open(os.path.join(out, "metrics.jsonl")).read()
-    with pytest.raises(SystemExit, match="(?s)no complete checkpoint.*step_000004 is incomplete.*Nothing was changed"):
-        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "4", "--resume"] + FAST)
+    with pytest.raises(SystemExit, match="(?s)no complete checkpoint.*step_000004 is incomplete"
+                                         ".*Nothing was changed"):
+        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "4",
+                    "--resume"] + FAST)
     assert open(os.path.join(out, "metrics.jsonl")).read() == before
     assert sorted(os.listdir(ck)) == ["latest", "step_000002", "step_000004"]
 
@@ -1360,21 +1393,24 @@ def test_resume_without_any_complete_checkpoint_refuses_and_changes_nothing(unbr
 def test_resuming_a_finished_run_says_there_is_nothing_to_do(unbroken_run, tiny_model_dir, tmp_path, capsys):
     out, _ = _damaged_copy(unbroken_run, tmp_path)
     for max_steps in ("4", "3"):
-        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", max_steps, "--resume"] + FAST)
+        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", max_steps,
+                    "--resume"] + FAST)
         assert "already complete" in capsys.readouterr().out
     assert read_metrics(out) == read_metrics(unbroken_run)
 
 
 def test_save_every_0_saves_only_at_the_end(tiny_model_dir, tmp_path):
     out = str(tmp_path / "run")
-    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "3"] + FAST[:-4] + ["--save_every", "0"])
+    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "3"]
+               + FAST[:-4] + ["--save_every", "0"])
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step_000003"]
 
 
-def test_a_deliberate_change_on_resume_needs_allow_changed_and_is_logged(unbroken_run, tiny_model_dir, tmp_path,
-                                                                          capsys):
+def test_a_deliberate_change_on_resume_needs_allow_changed_and_is_logged(unbroken_run, tiny_model_dir,
+                                                                          tmp_path, capsys):
     out, _ = _damaged_copy(unbroken_run, tmp_path)
-    common = ["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "5", "--resume", "--temperature", "0.7"]
+    common = ["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "5", "--resume",
+              "--temperature", "0.7"]
     with pytest.raises(SystemExit, match="--allow_changed temperature"):
         train.main(common + FAST)
     train.main(common + FAST + ["--allow_changed", "temperature"])
@@ -1388,7 +1424,7 @@ def test_a_bad_validation_row_stops_the_run_at_start_up_or_is_skipped(tiny_model
     os.remove(os.path.join(tmp_path, "val", "img_3_0.png"))
     out = str(tmp_path / "run")
     flags = ["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2", "--val_data", val] + FAST
-    with pytest.raises(rollout.BadRowError, match="row 3: image 0 cannot be opened"):
+    with pytest.raises(dataset.BadRowError, match="row 3: image 0 cannot be opened"):
         train.main(flags)
     assert not os.path.exists(os.path.join(out, "metrics.jsonl")), "stopped before any step"
     train.main(flags + ["--skip_bad_rows", "--max_bad_fraction", "0.2"])
@@ -1402,11 +1438,25 @@ def test_the_text_of_every_training_row_is_checked_at_start_up(tiny_model_dir, t
     path = write_virl_rows(str(tmp_path / "d"), rows)
     out = str(tmp_path / "run")
     flags = ["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1", "--train_data", path] + FAST
-    with pytest.raises(rollout.BadRowError, match="row 9: 2 <image> placeholders in the problem but 1 images"):
+    with pytest.raises(dataset.BadRowError,
+                       match="row 9: 2 <image> placeholders in the problem but 1 images"):
         train.main(flags)
     assert not os.path.exists(os.path.join(out, "metrics.jsonl")), "stopped before any step"
     train.main(flags + ["--skip_bad_rows"])
     assert "training data: 1 of 12 rows have unusable text" in capsys.readouterr().out
+
+
+def test_a_bad_training_row_stops_the_command_with_its_message_and_no_traceback(tiny_model_dir, tmp_path):
+    rows = counting_rows(12)
+    rows[9] = dict(rows[9], problem="<image><image>How many squares?")         # two marks, one image
+    path = write_virl_rows(str(tmp_path / "d"), rows)
+    cmd = [sys.executable, "train.py", "--model", tiny_model_dir, "--out_dir", str(tmp_path / "run"),
+           "--max_steps", "1", "--train_data", path] + FAST
+    done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1
+    assert "row 9: 2 <image> placeholders in the problem but 1 images" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
 def test_skipping_every_row_stops_with_the_first_bad_rows_named(tiny_model_dir, tmp_path):
@@ -1414,19 +1464,21 @@ def test_skipping_every_row_stops_with_the_first_bad_rows_named(tiny_model_dir, 
     for k in range(16):                                   # the .jsonl moved away from its images
         os.remove(os.path.join(tmp_path, "d", f"img_{k}_0.png"))
     out = str(tmp_path / "run")
-    with pytest.raises(SystemExit, match="(?s)no usable prompt.*16 bad rows.*row \\d+: image 0 cannot be opened"):
-        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2", "--train_data", path,
-                    "--skip_bad_rows", "--max_tries", "2"] + FAST[:-2])
+    with pytest.raises(SystemExit,
+                       match="(?s)no usable prompt.*16 bad rows.*row \\d+: image 0 cannot be opened"):
+        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2",
+                    "--train_data", path, "--skip_bad_rows", "--max_tries", "2"] + FAST[:-2])
     assert not os.path.exists(os.path.join(out, "checkpoints")), "no untrained checkpoint"
     # a quarter bad: more than the default 10% stops the run; a higher limit lets it train
     path = write_virl_rows(str(tmp_path / "q"), counting_rows(16))
     for k in range(0, 16, 4):
         os.remove(os.path.join(tmp_path, "q", f"img_{k}_0.png"))
     with pytest.raises(SystemExit, match="bad, more than --max_bad_fraction 0.1"):
-        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", str(tmp_path / "r1"), "--max_steps", "2",
-                    "--train_data", path, "--skip_bad_rows"] + FAST)
-    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", str(tmp_path / "r2"), "--max_steps", "2",
-                "--train_data", path, "--skip_bad_rows", "--max_bad_fraction", "0.5"] + FAST)
+        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", str(tmp_path / "r1"),
+                    "--max_steps", "2", "--train_data", path, "--skip_bad_rows"] + FAST)
+    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", str(tmp_path / "r2"),
+                "--max_steps", "2", "--train_data", path, "--skip_bad_rows", "--max_bad_fraction", "0.5"]
+               + FAST)
     assert sum(r["bad_rows"] for r in read_metrics(str(tmp_path / "r2"))) > 0
 
 
@@ -1438,28 +1490,28 @@ def test_bad_text_is_a_bad_row_or_a_clear_file_error(tmp_path):
     path = folder / "t.jsonl"
     path.write_bytes(good + b'{"problem": "<image>How \xff many?", "answer": "2", "images": ["a.png"]}\n'
                      + b'{"problem": null, "answer": "2", "images": []}\n' + good)
-    rows = rollout.Rows(rollout.load_table(str(path), "train", ("problem", "answer", "images")), str(path))
+    rows = dataset.Rows(dataset.load_table(str(path), "train", ("problem", "answer", "images")), str(path))
     assert rows[0]["answer"] == "1" and rows[3]["answer"] == "1"
-    with pytest.raises(rollout.BadRowError, match="row 1: its text is not valid UTF-8"):
+    with pytest.raises(dataset.BadRowError, match="row 1: its text is not valid UTF-8"):
         rows[1]
-    with pytest.raises(rollout.BadRowError, match="row 2: no problem text"):
+    with pytest.raises(dataset.BadRowError, match="row 2: no problem text"):
         rows[2]
-    counters = {"bad_rows": 0}
-    assert len(train.fetch_examples(rows, range(4), train.parse_args(["--task", "count", "--skip_bad_rows"]), counters)) == 2
-    assert counters["bad_rows"] == 2 and "UTF-8" in rows.skipped[0]
+    bad_rows = dataset.BadRows("training data", train.parse_args(["--task", "count", "--skip_bad_rows"]))
+    assert len(dataset.fetch_examples(rows, range(4), bad_rows)) == 2
+    assert bad_rows.in_step == 2 and "UTF-8" in bad_rows.first[0]
     broken = folder / "broken.jsonl"
     broken.write_bytes(good + b'{"problem": "x", "answer": \n' + good)
     with pytest.raises(ValueError, match="broken.jsonl, line 2: not valid JSON"):
-        rollout.load_table(str(broken), "train", ("problem", "answer", "images"))
+        dataset.load_table(str(broken), "train", ("problem", "answer", "images"))
     blank = folder / "blank.jsonl"
     blank.write_text("  \n\n ")
     with pytest.raises(ValueError, match="blank.jsonl is empty"):
-        rollout.load_table(str(blank), "train", ("problem", "answer", "images"))
+        dataset.load_table(str(blank), "train", ("problem", "answer", "images"))
     empty_dir = tmp_path / "nodata"
     empty_dir.mkdir()
     (empty_dir / "README.md").write_text("# a dataset card, no data")
     with pytest.raises(ValueError, match="a folder without data files"):
-        rollout.load_table(str(empty_dir), "train", ("problem", "answer", "images"))
+        dataset.load_table(str(empty_dir), "train", ("problem", "answer", "images"))
 
 
 def _start_and_wait_for_steps(cmd, out, steps):
@@ -1469,7 +1521,8 @@ def _start_and_wait_for_steps(cmd, out, steps):
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     metrics = os.path.join(out, "metrics.jsonl")
     deadline = time.time() + 300
-    while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= steps) and time.time() < deadline:
+    while (not (os.path.exists(metrics) and open(metrics).read().count("\n") >= steps)
+           and time.time() < deadline):
         time.sleep(0.2)
     return proc
 
@@ -1478,7 +1531,8 @@ def _start_and_wait_for_steps(cmd, out, steps):
 def test_a_signal_saves_a_checkpoint_at_the_next_step_and_exits_cleanly(tiny_model_dir, tmp_path, sig):
     import signal
     out = str(tmp_path / "run")
-    cmd = [sys.executable, "train.py", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1000"] + FAST
+    cmd = [sys.executable, "train.py", "--model", tiny_model_dir, "--out_dir", out,
+           "--max_steps", "1000"] + FAST
     proc = _start_and_wait_for_steps(cmd, out, 3)
     proc.send_signal(getattr(signal, sig))                 # mid-run, between or inside steps
     output, _ = proc.communicate(timeout=300)
@@ -1486,8 +1540,8 @@ def test_a_signal_saves_a_checkpoint_at_the_next_step_and_exits_cleanly(tiny_mod
     rows = read_metrics(out)
     assert 3 <= rows[-1]["step"] < 1000
     assert f"stopped by {sig} after step {rows[-1]['step']}" in output
-    latest = infra.latest_checkpoint(out)
-    assert latest.endswith(f"step_{rows[-1]['step']:06d}") and infra.checkpoint_problem(latest) is None
+    latest = checkpoints.latest_checkpoint(out)
+    assert latest.endswith(f"step_{rows[-1]['step']:06d}") and checkpoints.checkpoint_problem(latest) is None
 
 
 def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank(tiny_model_dir, tmp_path):
@@ -1496,12 +1550,13 @@ def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank(tiny_model_dir, t
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
            "train.py", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1000"] + FAST
     proc = _start_and_wait_for_steps(cmd, out, 3)
-    proc.send_signal(signal.SIGTERM)              # to the launcher, as a cluster does; it forwards it to the ranks
+    # to the launcher, as a cluster does; it forwards it to the ranks
+    proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     rows = read_metrics(out)
     assert f"stopped by SIGTERM after step {rows[-1]['step']}" in output, output[-3000:]
-    latest = infra.latest_checkpoint(out)
-    assert latest.endswith(f"step_{rows[-1]['step']:06d}") and infra.checkpoint_problem(latest) is None
+    latest = checkpoints.latest_checkpoint(out)
+    assert latest.endswith(f"step_{rows[-1]['step']:06d}") and checkpoints.checkpoint_problem(latest) is None
     assert rows[-1]["replica_divergence"] == 0.0  # both ranks reached the same step and weights
 
 
@@ -1510,13 +1565,15 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tiny_model_dir, t
     flags = ["--model", tiny_model_dir, "--out_dir", out] + FAST
     train.main(flags + ["--max_steps", "2"])
     ck = os.path.join(out, "checkpoints")
-    before = {f: open(os.path.join(ck, "step_000002", f), "rb").read() for f in os.listdir(os.path.join(ck, "step_000002"))
+    before = {f: open(os.path.join(ck, "step_000002", f), "rb").read()
+              for f in os.listdir(os.path.join(ck, "step_000002"))
               if os.path.isfile(os.path.join(ck, "step_000002", f))}
 
     def full_disk(*a, **k):                                # what torch.save raises when the disk fills up
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4480 vs 4374")
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(SystemExit, match="(?s)no space left on .*checkpoints.*step_000002 and `latest` are intact"):
+    with pytest.raises(SystemExit,
+                       match="(?s)no space left on .*checkpoints.*step_000002 and `latest` are intact"):
         train.main(flags + ["--max_steps", "4", "--resume"])
     monkeypatch.undo()
     # and when the free space is known to be too small, before anything is written
@@ -1534,7 +1591,8 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tiny_model_dir, t
 def test_eval_focus_builds_no_autograd_graph(tiny_model_dir, tmp_path, monkeypatch):
     grad_on = []
     score = rollout.score
-    monkeypatch.setattr(rollout, "score", lambda *a, **k: grad_on.append(torch.is_grad_enabled()) or score(*a, **k))
+    monkeypatch.setattr(rollout, "score",
+                        lambda *a, **k: grad_on.append(torch.is_grad_enabled()) or score(*a, **k))
     evaluate.main(["--ckpt", tiny_model_dir, "--data", _eval_jsonl(tmp_path), "--focus",
                    "--output_dir", str(tmp_path / "ev"), "--max_new_tokens", "2"])
     assert grad_on and not any(grad_on)
@@ -1549,9 +1607,9 @@ def test_training_and_eval_send_the_same_single_instruction(tiny_model, tmp_path
                              rollout.build_messages(question, rollout.INSTRUCTION)[0]["content"])
         assert train_text == eval_text and eval_text.count(rollout.INSTRUCTION) == 1
     # PAPO's sentence, as PAPO_eval's questions end with it (VGPO.md)
-    assert rollout.INSTRUCTION == ("You first think through the reasoning process as an internal monologue, enclosed "
-                                   "within <think> </think> tags. Then, provide your final answer enclosed within "
-                                   "\\boxed{}.")
+    assert rollout.INSTRUCTION == ("You first think through the reasoning process as an internal "
+                                   "monologue, enclosed within <think> </think> tags. Then, provide your "
+                                   "final answer enclosed within \\boxed{}.")
     assert train.parse_args(["--task", "count", "--preset", "paper7b"]).instruction == rollout.INSTRUCTION
 
 
@@ -1573,8 +1631,8 @@ def test_eval_reads_the_same_columns_as_training_and_counts_undecodable_rows(tin
     raw[1] = raw[1].replace(b"How many", b"How \xff many")                  # not UTF-8
     raw[3] = json.dumps({"problem": None, "answer": "2", "images": ["3.png"]}).encode()
     open(path, "wb").write(b"\n".join(raw) + b"\n")
-    evaluate.main(["--ckpt", tiny_model_dir, "--data", path, "--problem_key", "problem", "--images_key", "images",
-                   "--output_dir", str(tmp_path / "ev"), "--max_new_tokens", "2"])
+    evaluate.main(["--ckpt", tiny_model_dir, "--data", path, "--problem_key", "problem",
+                   "--images_key", "images", "--output_dir", str(tmp_path / "ev"), "--max_new_tokens", "2"])
     s = json.load(open(tmp_path / "ev" / "summary.json"))["counting_local"]
     preds = [json.loads(l) for l in open(tmp_path / "ev" / "predictions.jsonl")]
     assert s["n"] == 4 and s["bad_rows"] == 2
@@ -1584,19 +1642,20 @@ def test_eval_reads_the_same_columns_as_training_and_counts_undecodable_rows(tin
 def test_local_paths_that_do_not_exist_or_are_damaged_are_named(tiny_model_dir, tmp_path, monkeypatch):
     args = train.parse_args(["--task", "count"])
     with pytest.raises(ValueError, match="/nonexistent/model: no such folder"):
-        infra.load_model("/nonexistent/model", args, torch.device("cpu"))
+        models.load_model("/nonexistent/model", args, torch.device("cpu"))
     import huggingface_hub
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)    # read once, at import
-    with pytest.raises(ValueError, match="runs/mine: cannot read it as a hub id .*no local folder of that name"):
-        infra.load_model("runs/mine", args, torch.device("cpu"))
+    with pytest.raises(ValueError,
+                       match="runs/mine: cannot read it as a hub id .*no local folder of that name"):
+        models.load_model("runs/mine", args, torch.device("cpu"))
     with pytest.raises(SystemExit, match="runs/mine: cannot read it as a hub id"):
         evaluate.main(["--ckpt", "runs/mine", "--bench", "counting"])
     cut = str(tmp_path / "cut")
     shutil.copytree(tiny_model_dir, cut)
     os.truncate(os.path.join(cut, "model.safetensors"), 4096)
     with pytest.raises(ValueError, match="cut/model.safetensors is truncated"):
-        infra.load_model(cut, args, torch.device("cpu"))
+        models.load_model(cut, args, torch.device("cpu"))
 
 
 def test_image_paths_outside_the_data_folder_need_to_be_allowed(tmp_path):
@@ -1605,12 +1664,12 @@ def test_image_paths_outside_the_data_folder_need_to_be_allowed(tmp_path):
     path = tmp_path / "data" / "t.jsonl"
     path.write_text("".join(json.dumps({"problem": "<image>How many?", "answer": "1", "images": [p]}) + "\n"
                             for p in ("../elsewhere.png", str(tmp_path / "elsewhere.png"))))
-    table = rollout.load_table(str(path), "train", ("problem", "answer", "images"))
-    rows = rollout.Rows(table, str(path))
+    table = dataset.load_table(str(path), "train", ("problem", "answer", "images"))
+    rows = dataset.Rows(table, str(path))
     for k in (0, 1):
-        with pytest.raises(rollout.BadRowError, match="outside the data folder.*--allow_outside_paths"):
+        with pytest.raises(dataset.BadRowError, match="outside the data folder.*--allow_outside_paths"):
             rows[k]
-    allowed = rollout.Rows(table, str(path), allow_outside=True)
+    allowed = dataset.Rows(table, str(path), allow_outside=True)
     assert allowed[0]["images"][0].size == allowed[1]["images"][0].size == (84, 84)
 
 
@@ -1629,17 +1688,18 @@ def test_a_reward_function_can_be_plugged_in(tiny_model_dir, tmp_path, monkeypat
         "def every_other(texts, golds):\n    return [float(k % 2) for k in range(len(texts))]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     out = str(tmp_path / "run")
-    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1", "--reward", "my_rewards:every_other"]
-               + FAST)
+    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1",
+                "--reward", "my_rewards:every_other"] + FAST)
     row = read_metrics(out)[0]
     assert row["reward"] == 0.5 and row["kept_groups"] == 8          # every group holds both rewards
     with pytest.raises(SystemExit, match="--reward my_rewards:missing: cannot load it"):
-        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", str(tmp_path / "r2"), "--max_steps", "1",
-                    "--reward", "my_rewards:missing"] + FAST)
+        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", str(tmp_path / "r2"),
+                    "--max_steps", "1", "--reward", "my_rewards:missing"] + FAST)
 
 
 def test_the_learning_rate_schedule_is_logged_and_resumes_exactly(tiny_model_dir, tmp_path):
-    flags = ["--model", tiny_model_dir, "--lr", "1e-3", "--warmup_steps", "2", "--lr_schedule", "cosine"] + FAST
+    flags = ["--model", tiny_model_dir, "--lr", "1e-3", "--warmup_steps", "2",
+             "--lr_schedule", "cosine"] + FAST
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     train.main(flags + ["--out_dir", full, "--max_steps", "4"])
     want = [1e-3 * 0.5, 1e-3, 1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi / 2))]
@@ -1648,7 +1708,8 @@ def test_the_learning_rate_schedule_is_logged_and_resumes_exactly(tiny_model_dir
     train.main(flags + ["--out_dir", part, "--max_steps", "4", "--resume"])
     assert _strip(read_metrics(part)) == _strip(read_metrics(full))
     # constant, the paper's schedule, is the default
-    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", str(tmp_path / "c"), "--max_steps", "2", "--lr", "5e-4"] + FAST)
+    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", str(tmp_path / "c"),
+                "--max_steps", "2", "--lr", "5e-4"] + FAST)
     assert [r["lr"] for r in read_metrics(str(tmp_path / "c"))] == [5e-4, 5e-4]
 
 
@@ -1670,16 +1731,18 @@ def test_report_to_sends_each_steps_metrics_and_is_optional(tiny_model_dir, tmp_
                 logged[:] = sorted(self.rows.items())
             def close(self):
                 pass
-        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                            types.SimpleNamespace(SummaryWriter=Writer))
     out = str(tmp_path / "run")
-    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2", "--report_to", kind] + FAST)
+    train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "2",
+                "--report_to", kind] + FAST)
     rows = read_metrics(out)
     assert [s for s, _ in logged] == [1, 2]
-    assert [r["acc"] for _, r in logged] == [r["acc"] for r in rows]
+    assert [r["reward"] for _, r in logged] == [r["reward"] for r in rows]
     monkeypatch.setitem(sys.modules, "wandb" if kind == "wandb" else "torch.utils.tensorboard", None)
     with pytest.raises(SystemExit, match=f"--report_to {kind} needs the {kind} package"):
-        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", str(tmp_path / "r2"), "--max_steps", "1",
-                    "--report_to", kind] + FAST)
+        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", str(tmp_path / "r2"),
+                    "--max_steps", "1", "--report_to", kind] + FAST)
 
 
 def test_focus_from_a_real_forward_uses_the_image_placeholder_states(tiny_model):
@@ -1693,12 +1756,14 @@ def test_focus_from_a_real_forward_uses_the_image_placeholder_states(tiny_model)
         _, focus = rollout.score(model, batch, responses, mask, focus=True)
         inputs = dict(batch, input_ids=torch.cat([batch["input_ids"], responses], 1),
                       attention_mask=torch.cat([batch["attention_mask"], mask.long()], 1),
-                      mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(responses)], 1))
+                      mm_token_type_ids=torch.cat([batch["mm_token_type_ids"],
+                                                   torch.zeros_like(responses)], 1))
         hidden = model.model(**inputs).last_hidden_state.float()                  # the same forward, again
     P = batch["input_ids"].shape[1]
     is_image = batch["input_ids"] == model.config.image_token_id                  # (B, P)
     for i in range(4):
-        for where, must_match in ((is_image[i], True), (~is_image[i] & (batch["attention_mask"][i] > 0), False)):
+        for where, must_match in ((is_image[i], True),
+                                  (~is_image[i] & (batch["attention_mask"][i] > 0), False)):
             if not where.any():
                 continue
             prototype = hidden[i, :P][where].mean(0)
@@ -1710,10 +1775,10 @@ def test_focus_from_a_real_forward_uses_the_image_placeholder_states(tiny_model)
 
 
 def test_a_non_finite_gradient_never_reaches_the_weights_and_is_counted(tiny_model_dir):
-    args = train.parse_args(["--task", "count", "--model", tiny_model_dir, "--rollout_batch", "2", "--group_size", "8",
-                             "--mini_batch", "2", "--micro_batch", "8"])
-    model, processor, _ = infra.load_model(tiny_model_dir, args, torch.device("cpu"))
-    policy = infra.Policy(model)
+    args = train.parse_args(["--task", "count", "--model", tiny_model_dir, "--rollout_batch", "2",
+                             "--group_size", "8", "--mini_batch", "2", "--micro_batch", "8"])
+    model, processor, _ = models.load_model(tiny_model_dir, args, torch.device("cpu"))
+    policy = rollout.Policy(model)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     roll = fixed_rollout(processor, [0, 1])
@@ -1721,11 +1786,11 @@ def test_a_non_finite_gradient_never_reaches_the_weights_and_is_counted(tiny_mod
     roll.adv, _ = train.token_advantages(roll, focus, {})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hook = params[3].register_hook(lambda g: g * float("nan"))
-    update = train.update_policy(policy, optimizer, params, roll, args, 1, torch.device("cpu"))
+    update = train.update_policy(policy, optimizer, params, roll, args, parallel.Ranks())
     hook.remove()
     assert (update["updates"], update["skipped"]) == (1, 1) and not math.isfinite(update["grad_norm"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    train.update_policy(policy, optimizer, params, roll, args, 1, torch.device("cpu"))     # a finite one: applied
+    train.update_policy(policy, optimizer, params, roll, args, parallel.Ranks())     # a finite one: applied
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -1760,7 +1825,8 @@ def test_scored_logprobs_are_the_next_token_probabilities_of_a_plain_forward(tin
         logp, _ = rollout.score(model, batch, responses, mask, temperature=0.7)
         inputs = dict(batch, input_ids=torch.cat([batch["input_ids"], responses], 1),
                       attention_mask=torch.cat([batch["attention_mask"], mask.long()], 1),
-                      mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(responses)], 1))
+                      mm_token_type_ids=torch.cat([batch["mm_token_type_ids"],
+                                                   torch.zeros_like(responses)], 1))
         logits = model(**inputs, use_cache=False).logits.float()                 # (B, P + T, V)
     P = batch["input_ids"].shape[1]
     # the logits at position p predict token p + 1
@@ -1770,17 +1836,16 @@ def test_scored_logprobs_are_the_next_token_probabilities_of_a_plain_forward(tin
 
 def test_two_draws_of_one_row_in_a_step_are_two_groups(tiny_model, tmp_path, monkeypatch):
     model, processor = tiny_model
-    (tmp_path / "alternate.py").write_text("def reward(texts, golds):\n    return [float(k % 2) for k in range(len(texts))]\n")
+    (tmp_path / "alternate.py").write_text("def reward(texts, golds):\n"
+                                           "    return [float(k % 2) for k in range(len(texts))]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     data = tiny.CountingTask(3, 3)                      # 3 rows, 8 prompts a step: rows repeat
-    args = train.parse_args(["--task", "count", "--rollout_batch", "8", "--mini_batch", "8", "--group_size", "4", "--max_tries", "1",
-                             "--reward", "alternate:reward"])
-    counters = dict.fromkeys(("bad_rows", "long_prompts", "sampled_groups", "zero_std_groups", "reward_sum",
-                              "len_sum", "truncated", "responses"), 0.0)
-    roll = train.collect_rollouts(infra.Policy(model), processor, data, infra.PromptStream(3, 0), args, 0, 1,
-                                  torch.device("cpu"), counters)
+    args = train.parse_args(["--task", "count", "--rollout_batch", "8", "--mini_batch", "8",
+                             "--group_size", "4", "--max_tries", "1", "--reward", "alternate:reward"])
+    roll, _ = train.collect_rollouts(rollout.Policy(model), processor, data, dataset.PromptStream(3, 0), args,
+                                     parallel.Ranks(), dataset.BadRows("training data", args))
     ids, counts = torch.unique(roll.group_ids, return_counts=True)
-    assert len(roll.acc) == 32 and len(ids) == 8 and (counts == 4).all()
+    assert len(roll.reward) == 32 and len(ids) == 8 and (counts == 4).all()
 
 
 def test_training_moves_credit_with_vgpo_and_not_without(tiny_model_dir, tmp_path):
@@ -1789,7 +1854,8 @@ def test_training_moves_credit_with_vgpo_and_not_without(tiny_model_dir, tmp_pat
     stats = {}
     for name, flags in (("vgpo", []), ("dapo", ["--no_vgpo"])):
         out = str(tmp_path / name)
-        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1"] + FAST + flags)
+        train.main(["--task", "count", "--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1"]
+                   + FAST + flags)
         stats[name] = read_metrics(out)[0]
     assert stats["vgpo"]["psi_std"] > 0.01 and stats["vgpo"]["alpha_std"] > 0.01
     assert stats["vgpo"]["focus_early"] != stats["vgpo"]["focus_late"]
@@ -1814,7 +1880,8 @@ def test_the_colour_task_needs_the_image_at_every_step_and_boxes_an_unambiguous_
         assert ex["solution"] == f"\\boxed{{{ex['answer']}}}"
         # the steps are the graded answer: a wrong last step is a wrong answer
         wrong = ex["answer"][:-1] + str(counts[2] % 3 + 1)
-        assert rollout.accuracy_rewards([ex["solution"], f"\\boxed{{{wrong}}}"], [ex["answer"]] * 2) == [1.0, 0.0]
+        assert (rollout.accuracy_rewards([ex["solution"], f"\\boxed{{{wrong}}}"], [ex["answer"]] * 2)
+                == [1.0, 0.0])
         assert len(processor_tokenizer(ex["solution"])["input_ids"]) >= 12     # a chain, not a digit
         # each count is the number of squares of that colour in the image
         pixels = ex["images"][0].load()
@@ -1837,15 +1904,18 @@ def test_training_log_and_eval_share_one_definition_of_early_and_late_focus():
         x = [t / max(T - 1, 1) for t in range(T)]
         early = [float(focus[i, t]) for t in range(T) if x[t] < 1 / 3]
         late = [float(focus[i, t]) for t in range(T) if x[t] >= 2 / 3]
-        per_response.append((statistics.mean(early) if early else None, statistics.mean(late) if late else None))
+        per_response.append((statistics.mean(early) if early else None,
+                             statistics.mean(late) if late else None))
     profile = rollout.focus_profile(focus, mask)
     for (early, late), row in zip(per_response, profile.tolist()):
         assert (early is None and math.isnan(row[0])) or early == pytest.approx(row[0])
         assert (late is None and math.isnan(row[2])) or late == pytest.approx(row[2])
     stats = dict(psi=mask.float(), alpha=torch.ones(4), gate=mask)
-    logged = train.vgpo_stats(stats, mask, focus, world=1)
-    assert logged["focus_early"] == pytest.approx(statistics.mean(e for e, _ in per_response if e is not None))
-    assert logged["focus_late"] == pytest.approx(statistics.mean(l for _, l in per_response if l is not None))
+    logged = train.vgpo_stats(stats, mask, focus, parallel.Ranks())
+    assert logged["focus_early"] == pytest.approx(statistics.mean(e for e, _ in per_response
+                                                                  if e is not None))
+    assert logged["focus_late"] == pytest.approx(statistics.mean(l for _, l in per_response
+                                                                 if l is not None))
 
 
 # -----------------------------------------------------------------------------
@@ -1862,10 +1932,11 @@ def _mixed_images_batch(processor, rows):
     images, repeated as `rows` the way a rollout repeats each prompt G times."""
     examples = []
     for k, (side, n_images) in enumerate([(56, 1), (84, 2), (112, 1)]):
-        images = [tiny.counting_example(8, 10 * k + j)["images"][0].resize((side, side)) for j in range(n_images)]
+        images = [tiny.counting_example(8, 10 * k + j)["images"][0].resize((side, side))
+                  for j in range(n_images)]
         examples.append({"problem": "<image>" * n_images + "How many?", "answer": "1", "images": images})
-    batch, ipr = rollout.encode_prompts(processor, examples, "")
-    return rollout.take_rows(batch, ipr, torch.tensor(rows))
+    batch, images_per_row = rollout.encode_prompts(processor, examples, "")
+    return rollout.take_rows(batch, images_per_row, torch.tensor(rows))
 
 
 def _count_calls(monkeypatch, module, name):
@@ -1884,7 +1955,7 @@ def test_vision_windows_in_one_attention_call_give_the_per_window_loops_numbers(
     for batched in (False, True):
         model = _fresh_tiny(tiny_model_dir)
         if batched:
-            assert infra.vision_windows_in_one_call(model) == model.config.vision_config.depth
+            assert models.vision_windows_in_one_call(model) == model.config.vision_config.depth
         sdpa = _count_calls(monkeypatch, torch.nn.functional, "scaled_dot_product_attention")
         out = model.model.visual(pixels, grid_thw=grid).pooler_output                      # (tokens, D)
         out.pow(2).sum().backward()
@@ -1901,7 +1972,8 @@ def test_vision_windows_in_one_attention_call_give_the_per_window_loops_numbers(
     assert windows > images * model.config.vision_config.depth
 
 
-def test_each_distinct_image_is_encoded_once_with_the_same_logprobs_focus_and_gradients(tiny_model, tiny_model_dir):
+def test_each_distinct_image_is_encoded_once_with_the_same_logprobs_focus_and_gradients(tiny_model,
+                                                                                         tiny_model_dir):
     _, processor = tiny_model
     rows = [0, 0, 0, 1, 1, 1, 2, 2]                     # G copies of each prompt; prompt 1 has two images
     batch, _ = _mixed_images_batch(processor, rows)
@@ -1911,7 +1983,7 @@ def test_each_distinct_image_is_encoded_once_with_the_same_logprobs_focus_and_gr
     for once in (False, True):
         model = _fresh_tiny(tiny_model_dir)
         if once:
-            infra.encode_images_once(model)
+            models.encode_images_once(model)
         patches = []
         hook = model.model.visual.register_forward_pre_hook(lambda m, a: patches.append(a[0].shape[0]))
         logp, focus = rollout.score(model, batch, responses, mask, focus=True)
@@ -1931,14 +2003,14 @@ def test_each_distinct_image_is_encoded_once_with_the_same_logprobs_focus_and_gr
 
 def test_the_bf16_sampling_copy_follows_the_policy_and_samples_valid_responses(tiny_model_dir):
     args = train.parse_args(["--task", "count", "--sample_dtype", "bfloat16"])
-    model, processor, _ = infra.load_model(tiny_model_dir, args, torch.device("cpu"))
-    s = types.SimpleNamespace(policy=infra.Policy(model), sampler=None)
-    s.sampler = infra.sampling_copy(s.policy, args)
+    model, processor, _ = models.load_model(tiny_model_dir, args, torch.device("cpu"))
+    policy = rollout.Policy(model)
+    copy = parallel.sampling_copy(policy, args)
     # a step of training moves the fp32 weights; the copy is refreshed from them at the next rollout
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 1e-2)
-    sampler = infra.sampling_weights(s)
+    sampler = parallel.sampling_weights(copy, policy)
     pairs = list(zip(sampler.model.parameters(), model.parameters()))
     assert len(pairs) == len(list(model.parameters())) > 0
     for mine, theirs in pairs:
@@ -1946,17 +2018,19 @@ def test_the_bf16_sampling_copy_follows_the_policy_and_samples_valid_responses(t
         assert torch.equal(mine, theirs.to(torch.bfloat16))
     # the copy samples with the rewired vision side of its own weights, and valid responses
     assert sampler.model.model.get_image_features.__closure__ is not None
-    batch, ipr = rollout.encode_prompts(processor, [tiny.counting_example(3, i) for i in range(2)], "")
-    batch, _ = rollout.take_rows(batch, ipr, torch.tensor([0, 0, 1, 1]))
-    responses, mask, _ = sampler(rollout.generate, processor, batch, max_new_tokens=4)
+    batch, images_per_row = rollout.encode_prompts(processor,
+                                                   [tiny.counting_example(3, i) for i in range(2)], "")
+    batch, _ = rollout.take_rows(batch, images_per_row, torch.tensor([0, 0, 1, 1]))
+    responses, mask, _ = sampler.generate(processor, batch, max_new_tokens=4)
     assert responses.shape[0] == 4 and mask[:, 0].all()
     # float32 (the CPU default) samples with the policy itself: no copy
-    assert infra.sampling_copy(s.policy, train.parse_args(["--task", "count"])) is s.policy
+    assert parallel.sampling_copy(policy, train.parse_args(["--task", "count"])) is policy
 
 
 def test_a_run_records_the_weights_it_sampled_with(tiny_model_dir, tmp_path):
     out = str(tmp_path / "run")
-    train.main(["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1", "--sample_dtype", "bfloat16"] + FAST)
+    train.main(["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "1", "--sample_dtype", "bfloat16"]
+               + FAST)
     with open(os.path.join(out, "checkpoints", "step_000001", "vgpo_config.json")) as f:
         assert json.load(f)["sample_dtype"] == "bfloat16"
     assert math.isfinite(read_metrics(out)[0]["loss"])
@@ -1964,12 +2038,14 @@ def test_a_run_records_the_weights_it_sampled_with(tiny_model_dir, tmp_path):
 
 def test_a_static_kv_cache_samples_the_same_responses_as_the_dynamic_one(tiny_model):
     model, processor = tiny_model
-    batch, ipr = rollout.encode_prompts(processor, [tiny.colour_example(1, i) for i in range(3)], "")
-    batch, _ = rollout.take_rows(batch, ipr, torch.tensor([0, 0, 1, 1, 2, 2]))
+    batch, images_per_row = rollout.encode_prompts(processor,
+                                                   [tiny.colour_example(1, i) for i in range(3)], "")
+    batch, _ = rollout.take_rows(batch, images_per_row, torch.tensor([0, 0, 1, 1, 2, 2]))
     sampled = []
     for cache in ("dynamic", "static"):
         torch.manual_seed(0)
-        sampled.append(rollout.generate(model, processor, batch, max_new_tokens=6, temperature=1.0, cache=cache))
+        sampled.append(rollout.generate(model, processor, batch, max_new_tokens=6, temperature=1.0,
+                                        cache=cache))
     for dynamic, static in zip(*sampled):
         assert torch.equal(dynamic, static)
     assert config.parse_args(["--decode_cache", "static"]).decode_cache == "static"
@@ -1981,8 +2057,10 @@ def test_each_distinct_image_is_encoded_once_in_qwen3_vl_too():
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     config = Qwen3VLConfig(
         text_config=dict(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                            deepstack_visual_indexes=[0, 1], num_position_embeddings=64),
@@ -1994,15 +2072,16 @@ def test_each_distinct_image_is_encoded_once_in_qwen3_vl_too():
     rows = [[152] + [150] * (int(grid[i].prod()) // 4) + [153, 5, 6, 7] for i in order]
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    inputs = dict(input_ids=ids, attention_mask=(torch.arange(width) >= width - torch.tensor([len(r) for r in rows])
-                                                 .unsqueeze(1)).long(),
+    inputs = dict(input_ids=ids,
+                  attention_mask=(torch.arange(width)
+                                  >= width - torch.tensor([len(r) for r in rows]).unsqueeze(1)).long(),
                   pixel_values=torch.cat([images[i] for i in order]), image_grid_thw=grid[order],
                   mm_token_type_ids=(ids == 150).long())
     logits, patches = [], []
     for once in (False, True):
         torch.manual_seed(0)
         model = Qwen3VLForConditionalGeneration(config).eval()
-        assert not once or infra.encode_images_once(model)
+        assert not once or models.encode_images_once(model)
         hook = model.model.visual.register_forward_pre_hook(lambda m, a: patches.append(a[0].shape[0]))
         with torch.no_grad():
             logits.append(model(**inputs).logits)
@@ -2018,13 +2097,14 @@ def test_distinct_images_finds_copies_by_exact_comparison():
     nearly_a[3, 5] += 1e-6                                               # one value differs: not a copy
     grid = torch.tensor([[1, 2, 2]] * 6 + [[1, 1, 4]])                   # the last has another grid
     images = [a, a, b, a, b, nearly_a, a]
-    first = infra.distinct_images(torch.cat(images), grid)
+    first = models.distinct_images(torch.cat(images), grid)
     # the docstring's example, then a near-copy (its own image) and the same values under
     # another grid (a different image)
     assert first.tolist() == [0, 0, 2, 0, 2, 5, 6]
 
 
-def test_a_checkpoint_written_before_task_and_sample_dtype_existed_resumes_as_it_ran(tiny_model_dir, tmp_path):
+def test_a_checkpoint_written_before_task_and_sample_dtype_existed_resumes_as_it_ran(tiny_model_dir,
+                                                                                      tmp_path):
     out = str(tmp_path / "run")
     common = ["--model", tiny_model_dir, "--out_dir", out] + FAST            # FAST holds --task count
     train.main(common + ["--max_steps", "1"])
@@ -2050,8 +2130,9 @@ def test_vision_windows_in_one_call_on_qwen25_vl_7bs_real_window_layout():
     # patches) and a 476x336 one (34x24 patches: windows of unequal size at the edges)
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     real = qwen25_vl_7b_config().vision_config.to_dict()
-    vision_config = type(qwen25_vl_7b_config().vision_config)(**dict(real, hidden_size=32, intermediate_size=64,
-                                                                     num_heads=2, out_hidden_size=64))
+    vision_config = type(qwen25_vl_7b_config().vision_config)(**dict(real, hidden_size=32,
+                                                                     intermediate_size=64, num_heads=2,
+                                                                     out_hidden_size=64))
     assert (vision_config.window_size, vision_config.patch_size, vision_config.depth) == (112, 14, 32)
     vision_config._attn_implementation = "sdpa"
     grid = torch.tensor([[1, 32, 32], [1, 34, 24]])
@@ -2060,7 +2141,7 @@ def test_vision_windows_in_one_call_on_qwen25_vl_7bs_real_window_layout():
     for batched in (False, True):
         torch.manual_seed(0)
         tower = Qwen2_5_VisionTransformerPretrainedModel(vision_config).eval()
-        n = infra.vision_windows_in_one_call(tower) if batched else 0
+        n = models.vision_windows_in_one_call(tower) if batched else 0
         with torch.no_grad():
             outputs.append(tower(pixels, grid_thw=grid).pooler_output)
     assert n == 32

@@ -11,7 +11,7 @@ so that `python train.py` trains and learns on a laptop CPU with no model hub.
   answered as a chain of steps, "\\boxed{r2g1b3}": every step reads the image for another
   colour, and all three are graded. 15 tokens, so VGPO's position-dependent
   machinery (the compensation schedule, the tail gate) has a response to work on.
-  train.py starts it from a short supervised warm start (infra.warm_start), the stand-in
+  train.py starts it from a short supervised warm start (warm_start, below), the stand-in
   for the -Instruct model the paper starts from.
 - CountingTask (--task count): "How many squares?" with 1-4 coloured squares, answered
   with one digit, learned from random weights; fast, so most tests use it.
@@ -21,6 +21,7 @@ and a held-out split is just another seed. The answers need the image: on blank 
 the best a model can do is guess (a colour answer 1 in 27; a count 1 in 4).
 """
 
+import json
 import os
 import random
 
@@ -192,7 +193,7 @@ def colour_example(seed, index, blank=False):
     1-3 red, 1-3 green and 1-3 blue squares (each count uniform and independent, 9 at
     most: one per cell of the 3x3 grid) in random cells, one square per vision token as
     in the counting task. answer: the three steps, red first; solution: the whole
-    response, the target of the supervised warm start (infra.warm_start).
+    response, the target of the supervised warm start (warm_start, below).
 
     Example: colour_example(0, 3) -> {"problem": "<image>How many red, green, blue squares?",
              "answer": "r3g1b2", "solution": "\\boxed{r3g1b2}", "images": [<84x84 PIL image>],
@@ -221,3 +222,97 @@ def colour_example(seed, index, blank=False):
 class ColourCountingTask(SyntheticTask):
     """--task colour, the default: red, green, blue squares counted step by step (colour_example)."""
     example = staticmethod(colour_example)
+
+
+# -----------------------------------------------------------------------------
+# ---- the embedded default's starting policy ----: a supervised warm start
+
+def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_every=2, max_steps=300,
+               target=0.4):
+    """Write `model_path` after a short supervised warm start on the colour task to `out_path`.
+
+    The stand-in for "-Instruct": the paper starts RL from Qwen2.5-VL-7B-Instruct, a policy
+    that already answers in the expected format. Here the tiny random model is trained with
+    teacher-forced cross-entropy on the task's full solutions ("\\boxed{r2g1b3}" + EOS)
+    until it follows the format and its greedy accuracy on 64 held-out examples reaches
+    `target` (checked every `check_every` steps): then it stops, clearly imperfect on the
+    answer, so that RL has most of the way still to go.
+
+    Deterministic from --seed: it trains on task seed + 20_000 (neither the RL training
+    set, seed + 0, nor validation, seed + 10_000) and checks on seed + 30_000, in order,
+    after torch.manual_seed(seed). Prompts are built as training builds them
+    (rollout.encode_prompts with --instruction), and the loss is -log p from rollout.score,
+    the forward RL scores with. Written to a temporary folder, then renamed (atomic);
+    skipped when out_path already holds a model. Returns (out_path, steps, accuracy).
+    """
+    from tqdm import tqdm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import rollout                                  # rollout imports nothing of this file's
+
+    if os.path.exists(os.path.join(out_path, "model.safetensors")):
+        with open(os.path.join(out_path, "warm_start.json")) as f:
+            info = json.load(f)
+        return out_path, info["steps"], info["accuracy"]
+    torch.manual_seed(args.seed)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(model_path)
+    tokenizer = processor.tokenizer
+    train = ColourCountingTask(args.seed + 20_000, batch * max_steps)
+    checks = [colour_example(args.seed + 30_000, i) for i in range(64)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    cpu, accuracy = torch.device("cpu"), 0.0
+    bar = tqdm(total=max_steps, desc="warm start", unit="step", disable=not master, dynamic_ncols=True)
+    for step in range(1, max_steps + 1):
+        examples = [train[i] for i in range((step - 1) * batch, step * batch)]
+        # the targets: each solution then the EOS, right-padded as rollout.generate returns responses
+        targets = [tokenizer(ex["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                   for ex in examples]
+        width = max(map(len, targets))
+        responses = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in targets])  # (B, W)
+        mask = torch.arange(width) < torch.tensor([len(t) for t in targets]).unsqueeze(1)           # (B, W)
+        model.train()
+        prompts, _ = rollout.encode_prompts(processor, examples, args.instruction)
+        logp, _ = rollout.score(model, prompts, responses, mask)                                    # (B, W)
+        loss = -(logp * mask).sum() / mask.sum()           # mean cross-entropy over response tokens
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        bar.update(1)
+        if step % check_every == 0:
+            model.eval()
+            records = rollout.answer_greedily(rollout.Policy(model), processor, checks, args.instruction,
+                                              max_new_tokens=args.val_max_new_tokens, bare=False, device=cpu)
+            accuracy = sum(r["correct"] for r in records) / len(records)
+            bar.set_postfix(loss=f"{loss.item():.3f}", held_out_acc=f"{accuracy:.2f}")
+            if accuracy >= target:
+                break
+    bar.close()
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, "warm_start.json"), "w") as f:
+        json.dump(dict(steps=step, accuracy=accuracy, target=target, batch=batch, lr=lr), f)
+    os.replace(tmp, out_path)                  # atomic: nobody ever loads half a model
+    return out_path, step, accuracy
+
+
+def starting_model(args, ranks):
+    """--model tiny: the folder of the model RL starts from, built on rank 0 once per out_dir.
+
+    The colour task on synthetic data starts from the supervised warm start (warm_start),
+    as the paper starts from an -Instruct model; the count task starts from random weights.
+    Returns <out_dir>/tiny-init, or <out_dir>/tiny-init-warm. The other ranks wait for it.
+    """
+    path = os.path.join(args.out_dir, "tiny-init")
+    warm = args.task == "colour" and args.train_data == "synthetic"
+    if ranks.master:
+        build_tiny_model(path, seed=args.seed)
+        if warm:
+            _, steps, accuracy = warm_start(path, path + "-warm", args, ranks.master)
+            print(f"warm start: {steps} supervised steps, held-out greedy accuracy {accuracy:.2f}")
+    if ranks.world > 1:
+        import torch.distributed as dist
+        dist.barrier()                          # the folder is written before any rank reads it
+    return path + "-warm" if warm else path

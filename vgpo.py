@@ -268,29 +268,8 @@ def inter_weights(phi, index, counts):
     return (1 + phi_hat - mean[index]).clamp(0.9, 2.0)
 
 
-def vgpo_advantages(rewards, group_ids, focus, response_mask, has_image=None, *,
-                    intra=True, inter=True, compensation=True, gate=True,
-                    beta=0.3, kappa=0.2, gamma=0.5, schedule="linear", start=0.0,
-                    exponent=2.0, step_at=0.5):
-    """Steps 0-6: the token-level VGPO advantage A_{i,t} = Â_i · α_i · ψ_{i,t}.
-
-    rewards       (N,)   float, one verifiable reward per response
-    group_ids     (N,)   int, the prompt id of each response (rows of a group anywhere)
-    focus         (N, T) float, raw s from visual_focus (values on padding are ignored)
-    response_mask (N, T) bool, valid tokens (up to and including the first EOS),
-                         left-aligned; every response needs at least one valid token
-    has_image     (N,)   bool, False for prompts without an image (default all True);
-                         must be the same for every response of a group
-    intra, inter, compensation, gate: the ablation switches; each factor is 1 when its
-                         switch is off, so all four off is exactly GRPO.
-    beta (β), kappa (κ), gamma (γ), schedule, start (s0), exponent (p), step_at: the
-                         compensation and gate hyper-parameters (Eq. 5-6).
-
-    Returns (advantages (N, T) float32 with 0 on padding, stats) where stats holds the
-    intermediate tensors: grpo (N,), w, compensation, gate, w_tilde, w_hat, psi (N, T),
-    phi, alpha (N,).
-    """
-    # ---- checks ----
+def _checked_inputs(rewards, focus, response_mask, has_image, schedule, gamma, kappa, start):
+    """vgpo_advantages' argument checks, each a clear error; returns has_image as (N,) bool."""
     if rewards.dim() != 1 or rewards.numel() == 0:
         raise ValueError(f"rewards must be a non-empty 1-D tensor, got shape {tuple(rewards.shape)}")
     n = rewards.numel()
@@ -316,6 +295,34 @@ def vgpo_advantages(rewards, group_ids, focus, response_mask, has_image=None, *,
     if not (0 <= gamma < 1 and 0 <= kappa <= 1 and 0 <= start < 1):
         raise ValueError(f"need 0 <= gamma < 1, 0 <= kappa <= 1, 0 <= start < 1; got "
                          f"gamma={gamma}, kappa={kappa}, start={start}")
+    return has_image
+
+
+def vgpo_advantages(rewards, group_ids, focus, response_mask, has_image=None, *,
+                    intra=True, inter=True, compensation=True, gate=True,
+                    beta=0.3, kappa=0.2, gamma=0.5, schedule="linear", start=0.0,
+                    exponent=2.0, step_at=0.5):
+    """Steps 0-6: the token-level VGPO advantage A_{i,t} = Â_i · α_i · ψ_{i,t}.
+
+    rewards       (N,)   float, one verifiable reward per response
+    group_ids     (N,)   int, the prompt id of each response (rows of a group anywhere)
+    focus         (N, T) float, raw s from visual_focus (values on padding are ignored)
+    response_mask (N, T) bool, valid tokens (up to and including the first EOS),
+                         left-aligned; every response needs at least one valid token
+    has_image     (N,)   bool, False for prompts without an image (default all True);
+                         must be the same for every response of a group
+    intra, inter, compensation, gate: the ablation switches; each factor is 1 when its
+                         switch is off, so all four off is exactly GRPO.
+    beta (β), kappa (κ), gamma (γ), schedule, start (s0), exponent (p), step_at: the
+                         compensation and gate hyper-parameters (Eq. 5-6).
+
+    Returns (advantages (N, T) float32 with 0 on padding, stats) where stats holds the
+    intermediate tensors: grpo (N,), w, compensation, gate, w_tilde, w_hat, psi (N, T),
+    phi, alpha (N,).
+    """
+    # ---- checks: shapes, masks, finite focus, hyper-parameter ranges ----
+    has_image = _checked_inputs(rewards, focus, response_mask, has_image, schedule, gamma, kappa, start)
+    n = rewards.numel()
 
     adv = grpo_advantages(rewards, group_ids)                            # (N,)  Step 0
     index, counts = _group_index(group_ids, n)
