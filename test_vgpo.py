@@ -1869,6 +1869,20 @@ if __name__ == "__main__":          # the ranks of a torchrun test: python test_
 # =============================================================================
 # the embedded default: a task that needs the image at every step, and one focus definition
 
+def test_every_square_stays_inside_its_own_cell():
+    # one square per vision token (a 28x28 cell): a square that spills a pixel row or column
+    # into the next cell puts a sliver of its colour into another token
+    background = (20, 20, 20)
+    for k in range(60):
+        for example in (tiny.colour_example(4, k), tiny.counting_example(4, k)):
+            answer = example["answer"]
+            squares = sum(int(c) for c in answer[1::2]) if answer[0] == "r" else int(answer)
+            pixels = example["images"][0].load()
+            cells = {(x // tiny.CELL, y // tiny.CELL) for x in range(84) for y in range(84)
+                     if pixels[x, y] != background}
+            assert len(cells) == squares, (k, answer, sorted(cells))
+
+
 def test_the_colour_task_needs_the_image_at_every_step_and_boxes_an_unambiguous_code():
     processor_tokenizer = tiny.build_tokenizer()
     for k in range(50):

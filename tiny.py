@@ -144,7 +144,8 @@ def counting_example(seed, index, blank=False):
         size = rng.randint(20, 26)
         x0 = x * CELL + rng.randint(0, CELL - size)
         y0 = y * CELL + rng.randint(0, CELL - size)
-        draw.rectangle((x0, y0, x0 + size, y0 + size), fill=rng.choice(COLOURS))
+        # PIL's rectangle includes its end point: size pixels wide end at x0 + size - 1, inside the cell
+        draw.rectangle((x0, y0, x0 + size - 1, y0 + size - 1), fill=rng.choice(COLOURS))
     return {"problem": "<image>How many squares?", "answer": str(count),
             "images": [image], "id": f"count-{seed}-{index}"}
 
@@ -213,7 +214,7 @@ def colour_example(seed, index, blank=False):
         x0 = x * CELL + rng.randint(0, CELL - size)
         y0 = y * CELL + rng.randint(0, CELL - size)
         if not blank:                      # the same random draws either way: same gold
-            draw.rectangle((x0, y0, x0 + size, y0 + size), fill=colour)
+            draw.rectangle((x0, y0, x0 + size - 1, y0 + size - 1), fill=colour)     # inside its cell
     steps = "".join(f"{name}{n}" for name, n in zip(RGB_NAMES, counts))          # "r3g1b2"
     return {"problem": "<image>How many red, green, blue squares?", "answer": steps,
             "solution": f"\\boxed{{{steps}}}", "images": [image], "id": f"colour-{seed}-{index}"}
