@@ -31,6 +31,11 @@ Sections 3-5 (each case in a fresh child process, so its peak memory is its own)
    ms/step and tokens/s (with the bandwidth bound on a known GPU), the update step (with
    MFU), vision patches encoded, attention calls, kernel launches (ATen op calls on a
    CPU), and VGPO/GRPO ratios of time and memory.
+10. (--forgetting N, on its own) DAPO, VGPO and two controls of VGPO (focus shuffled within
+   each response; φ a mean, not a sum) trained from one shared warm start per seed, seeds
+   0..N-1: held-out and per-step accuracy, blank-image accuracy on prior prompts, the share
+   of late errors that copy, the focus / image-dependence rank correlation at the start and
+   the end, paired differences with standard errors, and docs/forgetting.png.
 Peak memory is the process's peak resident set (CPU) or peak allocated memory (GPU).
 Record the figures in BENCHMARKS.md with the machine and the command.
 """
@@ -70,6 +75,11 @@ parser.add_argument("--vgpo_vs_dapo", type=int, default=0, metavar="SEEDS",
                          "each scored by eval.py; prints the table and writes docs/vgpo_vs_dapo.png")
 parser.add_argument("--runs_dir", default="runs", help="section 7's run folders (finished runs are reused)")
 parser.add_argument("--jobs", type=int, default=1, help="section 7: runs at once, sharing the CPU threads")
+parser.add_argument("--forgetting", type=int, default=0, metavar="SEEDS",
+                    help="only section 10: DAPO, VGPO and VGPO's two controls from one warm start per seed, "
+                         "seeds 0..SEEDS-1, paired differences with standard errors, docs/forgetting.png")
+parser.add_argument("--forgetting_steps", type=int, default=150,
+                    help="section 10: RL steps of each run (150: the embedded default's)")
 parser.add_argument("--credit", nargs="+", default=[], metavar="CKPT",
                     help="only section 8: where VGPO's ψ and α put the credit on the colour task, "
                          "per checkpoint")
@@ -660,6 +670,126 @@ def plot_vgpo_vs_dapo(results, path):
 
 
 # -----------------------------------------------------------------------------
+# 10. (--forgetting N) does VGPO counter visual forgetting, and is it the vision? The
+#     embedded default (its training prompts carry a late-step text prior, its held-out
+#     prompts do not) trained by four arms from the SAME warm start per seed: DAPO, VGPO,
+#     and two controls of VGPO that keep everything but one thing it could use: the link
+#     between a token and its focus (--control_shuffle_focus), and α's growth with length
+#     (--control_phi_mean). Paired by seed, so that the warm start's luck cancels out.
+
+FORGETTING_ARMS = {"DAPO": ["--no_vgpo"], "VGPO": [], "VGPO, focus shuffled": ["--control_shuffle_focus"],
+                   "VGPO, phi a mean": ["--control_phi_mean"]}
+
+
+def forgetting_run(out):
+    """One arm's run: its final validation and, from eval.py --focus, the focus / image
+    dependence rank correlation of the warm start and of the final checkpoint."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    last = [r for r in rows if "val_acc" in r][-1]
+    start = json.load(open(os.path.join(out, "tiny-init-warm", "eval", "summary.json")))["validation"]
+    final = checkpoints.latest_checkpoint(out)
+    end = json.load(open(os.path.join(final, "eval", "summary.json")))["validation"]
+    curve = [(0, rows[0]["start_val_acc"], rows[0]["start_val_blank_prior_acc"])]
+    curve += [(r["step"], r["val_acc"], r["val_blank_prior_acc"]) for r in rows if "val_acc" in r]
+    return dict(acc=last["val_acc"], first=last["val_step_acc"][0], middle=last["val_step_acc"][1],
+                last=last["val_step_acc"][2], blank_prior=last["val_blank_prior_acc"],
+                copy_share=last["val_late_copy_share"], rho_start=start["focus_dependence_spearman"],
+                rho_end=end["focus_dependence_spearman"], start_acc=rows[0]["start_val_acc"],
+                start_steps=rows[0]["start_val_step_acc"], minutes=sum(r["time"] for r in rows) / 60,
+                curve=curve)
+
+
+def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500):
+    import shutil
+    import config
+    import parallel
+    import tiny
+    # each seed's warm start once; every arm of the seed starts from a copy of it (paired)
+    for seed in range(seeds):
+        warm = os.path.join(runs_dir, f"warm-{seed}")
+        if not os.path.exists(os.path.join(warm, "tiny-init-warm", "model.safetensors")):
+            tiny.starting_model(config.parse_args(["--seed", str(seed), "--out_dir", warm]), parallel.Ranks())
+    slug = lambda arm: arm.lower().replace(", ", "-").replace(" ", "-")
+    todo = [(arm, seed) for seed in range(seeds) for arm in FORGETTING_ARMS
+            if not os.path.exists(os.path.join(runs_dir, f"{slug(arm)}-{seed}", "eval_done"))]
+    # the CPU's threads shared out between the runs at once, so they do not oversubscribe it
+    threads = max(1, max(2, torch.get_num_threads()) // jobs)
+    running = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            arm, seed = todo.pop(0)
+            out = os.path.join(runs_dir, f"{slug(arm)}-{seed}")
+            for part in ("tiny-init", "tiny-init-warm"):
+                if not os.path.exists(os.path.join(out, part)):
+                    shutil.copytree(os.path.join(runs_dir, f"warm-{seed}", part), os.path.join(out, part))
+            # 500 held-out prompts, validated every 50 steps; then eval.py scores the warm start and the
+            # final checkpoint with --focus (the focus / image dependence correlation)
+            cmd = (f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume --val_size {val_size} "
+                   f"--val_every 50 --max_steps {steps} {' '.join(FORGETTING_ARMS[arm])}"
+                   f" && {sys.executable} eval.py --ckpt {out}/tiny-init-warm {out} --focus"
+                   f" && touch {out}/eval_done")
+            print(f"{arm} seed {seed}: {out} ({threads} threads)", flush=True)
+            running.append((run_quietly(["bash", "-c", cmd], threads, os.path.join(out, "log.txt")), out))
+        time.sleep(5)
+        for proc, out in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, out))
+                if proc.returncode:
+                    raise SystemExit(f"{out} failed; see {out}/log.txt")
+    results = {arm: [forgetting_run(os.path.join(runs_dir, f"{slug(arm)}-{s}")) for s in range(seeds)]
+               for arm in FORGETTING_ARMS}
+    keys = ("acc", "first", "middle", "last", "blank_prior", "copy_share", "rho_start", "rho_end", "minutes")
+    print(f"\nthe embedded default, {seeds} seeds per arm, {val_size} held-out prompts: "
+          f"mean ± sd over seeds")
+    print("warm start per seed (held-out acc; step acc red/green/blue): " + "; ".join(
+        f"{s}: {r['start_acc']:.3f} ({'/'.join(f'{a:.2f}' for a in r['start_steps'])})"
+        for s, r in enumerate(results["VGPO"])))
+    head = ["arm", "held-out acc", "step 1 acc", "step 2 acc", "step 3 acc", "blank-image acc, prior prompts",
+            "late errors that copy", "focus~dependence rho, start", "rho, end", "minutes"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for arm, runs in results.items():
+        print(f"| {arm} | " + " | ".join(mean_sd([r[k] for r in runs]) for k in keys) + " |")
+    # paired by seed: the difference of each seed's two runs, its mean and standard error;
+    # a difference counts only beyond twice its standard error
+    print("\npaired differences (mean over seeds ± standard error; * = beyond 2 standard errors)")
+    for a, b in (("VGPO", "DAPO"), ("VGPO", "VGPO, focus shuffled"), ("VGPO", "VGPO, phi a mean")):
+        parts = []
+        for k in ("acc", "last", "blank_prior", "copy_share", "rho_end"):
+            d = [x[k] - y[k] for x, y in zip(results[a], results[b]) if x[k] == x[k] and y[k] == y[k]]
+            if len(d) < 2:
+                parts.append(f"{k} -")
+                continue
+            mean, se = statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d))
+            parts.append(f"{k} {mean:+.3f} ± {se:.3f}{' *' if abs(mean) > 2 * se else ''}")
+        print(f"{a} - {b}: " + ", ".join(parts))
+    plot_forgetting(results, "docs/forgetting.png")
+    print("wrote docs/forgetting.png")
+
+
+def plot_forgetting(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (arm, runs), colour in zip(results.items(), ("tab:blue", "tab:red", "tab:gray", "tab:green")):
+        steps = [step for step, _, _ in runs[0]["curve"]]
+        for ax, k in zip(axes, (1, 2)):
+            values = torch.tensor([[p[k] for p in r["curve"]] for r in runs])
+            ax.plot(steps, values.mean(0), color=colour, marker="o", label=f"{arm} ({len(runs)} seeds)")
+            ax.fill_between(steps, values.min(0).values, values.max(0).values, color=colour, alpha=0.12)
+    axes[0].set_ylabel("held-out accuracy (greedy)")
+    axes[1].set_ylabel("blank-image accuracy on prior prompts\n(0.21: follows the text prior; 0.04: chance)")
+    for ax in axes:
+        ax.set_xlabel("RL step (0 = the shared warm start)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("the embedded default: DAPO, VGPO and two controls, mean and min-max over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
 # 8. (--credit CKPT ...) where VGPO's weights put the credit, on the colour task. The
 #    reward is one number per response; VGPO splits it over tokens by visual focus. On
 #    "\boxed{r2g1b3}" we know which tokens decide the reward: the three count digits,
@@ -748,6 +878,10 @@ if args.credit:
 
 if args.vgpo_vs_dapo:
     vgpo_vs_dapo(args.vgpo_vs_dapo, args.runs_dir, args.jobs)
+    sys.exit(0)
+
+if args.forgetting:
+    forgetting(args.forgetting, args.runs_dir, args.jobs, args.forgetting_steps)
     sys.exit(0)
 
 

@@ -297,9 +297,50 @@ def print_row(bar, row):
               f"loss {row.get('loss', float('nan')):+.4f} | "
               + (f"val_acc {row['val_acc']:.3f} | " if "val_acc" in row else "")
               + (f"late/early focus {row['val_focus_ratio']:.2f} | " if "val_focus_ratio" in row else "")
+              + ("steps " + "/".join(f"{a:.2f}" for a in row["val_step_acc"]) + " | "
+                 if "val_step_acc" in row else "")
               + f"{row['time']:.1f}s | {row['peak_mem_gb']:.2f} GB")
     if row.get("replica_divergence", 0) > 0:         # every rank applied the same gradient: a bug
         bar.write(f"WARNING: ranks disagree on the weights by {row['replica_divergence']:.3g}")
+
+
+def log_row(step, stream, n_rows, counts, tries, bad_rows, update, skipped, lr):
+    """The step's metrics, from counts already summed over ranks. `reward` is the mean
+    reward of the responses sampled: the accuracy unless --reward replaces it."""
+    n = max(counts["responses"], 1)
+    row = dict(step=step, epoch=stream.position / n_rows, data_position=stream.position,
+               reward=counts["reward_sum"] / n, response_len=counts["len_sum"] / n,
+               truncated=counts["truncated"] / n, sampled_groups=int(counts["sampled_groups"]),
+               kept_groups=int(counts["kept_groups"]), zero_std_groups=int(counts["zero_std_groups"]),
+               tries=tries, bad_rows=bad_rows, long_prompts=int(counts["long_prompts"]),
+               updates=update["updates"], skipped_updates=skipped, lr=lr)
+    if update["updates"]:                            # means over the step's optimizer steps
+        row.update({k: v / update["updates"] for k, v in update.items() if k != "updates"})
+    return row
+
+
+def write_samples(args, processor, step, samples, stats, n=4):
+    """samples.jsonl: a few responses of this step, with reward, GRPO advantage Â, α and the
+    mean token advantage, because RL is debugged by reading what the model wrote."""
+    if len(samples) == 0:
+        return
+    rows = torch.arange(min(n, len(samples)))
+    pad_id = processor.tokenizer.pad_token_id
+    texts = processor.batch_decode(torch.where(samples.mask[rows], samples.responses[rows], pad_id),
+                                   skip_special_tokens=True)
+    mask = samples.mask[rows].float()
+    with open(os.path.join(args.out_dir, "samples.jsonl"), "a") as f:
+        for k, text in zip(rows.tolist(), texts):
+            f.write(json.dumps(dict(
+                step=step, group=int(samples.group_ids[k]), response=text, reward=float(samples.reward[k]),
+                grpo_advantage=float(stats["grpo"][k]), alpha=float(stats["alpha"][k]),
+                token_advantage_mean=float((samples.adv[k] * mask[k]).sum() / mask[k].sum()))) + "\n")
+
+
+def format_metrics(values):
+    """{"val_acc": 0.4, "val_step_acc": [0.9, 0.5, 0.6]} -> "val_acc 0.400, val_step_acc 0.90/0.50/0.60"."""
+    return ", ".join(f"{k} " + ("/".join(f"{x:.2f}" for x in v) if isinstance(v, list) else f"{v:.3f}")
+                     for k, v in values.items())
 
 
 def append_metrics(out_dir, row):
@@ -350,6 +391,9 @@ class Reporter:
     def log(self, row):
         # scalars only: both services plot numbers, and the step is the x axis, not a curve
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        # a list in chain order (val_step_acc) becomes one curve per step: val_step_acc_0, _1, ...
+        numbers.update({f"{k}_{i}": x for k, v in row.items() if isinstance(v, list)
+                        for i, x in enumerate(v)})
         if self.kind == "tensorboard":
             for k, v in numbers.items():
                 self.writer.add_scalar(k, v, row["step"])

@@ -69,7 +69,7 @@ TASKS = {
     # steps runs ended between 0.735 and 0.895 (seeds 0-2); at lr 5e-4 the answers grew past
     # the 16 tokens and validation stalled at 0.71-0.755.
     "colour": dict(max_new_tokens=16, val_max_new_tokens=16, temperature=1.0, lr=3e-4,
-                   max_steps=150, lr_schedule="cosine", val_every=10, bare_answers=False),
+                   max_steps=150, lr_schedule="cosine", val_every=10, bare_answers=False, copy_prior=0.8),
     # the one-token counting task from random weights: the bare digit is the answer, since
     # a random model cannot write \boxed{}
     # (2 new tokens: the one-digit count, 1 to 4, and the end token)
@@ -124,6 +124,10 @@ def build_parser(description=""):
     g.add_argument("--task", default="colour", choices=sorted(TASKS),
                    help="the synthetic task: colour = count red, green, blue squares step by step (tiny.py), "
                         "count = how many squares, one token")
+    g.add_argument("--copy_prior", type=float, default=0.0,
+                   help="colour task: P(a count equals the one before it) in the TRAINING prompts, a text "
+                        "prior that late steps can follow instead of the image (0 = independent; held-out "
+                        "prompts are always independent; colour default 0.8)")
     g.add_argument("--train_data", default="synthetic",
                    help="hub dataset id, local .parquet/.json/.jsonl file or folder, or 'synthetic'")
     g.add_argument("--train_split", default="train", help="split of --train_data (hub ids and folders)")
@@ -204,6 +208,15 @@ def build_parser(description=""):
                    help="γ, where the tail starts, as a fraction of the response (Eq. 6; paper 0.5)")
     g.add_argument("--schedule", default="linear", choices=vgpo.SCHEDULES,
                    help="compensation schedule (Eq. 5; paper: linear)")
+
+    # controls for an experiment, never for training: each removes one thing VGPO could use
+    g = p.add_argument_group("controls (off by default; not the paper)")
+    g.add_argument("--control_shuffle_focus", action="store_true",
+                   help="shuffle each response's focus values among its own tokens before VGPO: the same "
+                        "lengths and values, no link to the image (does VGPO's gain come from vision?)")
+    g.add_argument("--control_phi_mean", action="store_true",
+                   help="φ_i as a mean over tokens instead of Eq. 9's sum, so α no longer grows with "
+                        "length (does VGPO's gain come from length?)")
 
     g = p.add_argument_group("update")
     # tiny: mini_batch = rollout_batch, one optimizer step per rollout; paper7b: 512 / 128 = 4
@@ -291,7 +304,8 @@ RUN_IDENTITY = ("model", "train_data", "train_split", "problem_key", "answer_key
                 "gamma", "schedule", "comp_start", "exponent", "step_at", "ppo_epochs", "lr",
                 "weight_decay", "grad_clip", "clip_low", "clip_high", "clip_dual", "kl_coef", "kl_kind",
                 "freeze_vision", "fsdp", "val_data", "val_split", "val_size", "val_max_new_tokens", "reward",
-                "warmup_steps", "lr_schedule", "sample_dtype")
+                "warmup_steps", "lr_schedule", "sample_dtype", "copy_prior",
+                "control_shuffle_focus", "control_phi_mean")
 
 
 def parse_args(argv=None, description=""):
@@ -303,14 +317,23 @@ def parse_args(argv=None, description=""):
     # the task's settings first, then the preset's: explicit flags win over both
     parser.set_defaults(**{**TASKS[args.task], **PRESETS.get(args.preset, {})})
     args = parser.parse_args(argv)
+    if args.no_vgpo and (args.control_shuffle_focus or args.control_phi_mean):
+        parser.error("--control_shuffle_focus / --control_phi_mean are controls of VGPO's weights; with "
+                     "--no_vgpo there are none to control")
     if args.no_vgpo:
         args.intra = args.inter = args.compensation = args.gate = False
+    if args.control_phi_mean and not args.inter:
+        parser.error("--control_phi_mean changes φ of the inter-trajectory weight α: it needs --inter")
     # checked here, before any model loads: a wrong flag costs seconds, not a 7B load
     if args.max_steps == 0:
         parser.error("--max_steps 0 trains nothing; give a positive number, or -1 for --epochs passes")
     for name in ("rollout_batch", "mini_batch", "micro_batch", "max_new_tokens", "max_tries", "gen_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    if not 0 <= args.copy_prior <= 1:
+        parser.error(f"--copy_prior {args.copy_prior} is a probability: give a value in [0, 1]")
+    if args.copy_prior and args.task != "colour":
+        parser.error("--copy_prior shapes the colour task's prompts: use it with --task colour")
     if args.group_size < 2:
         parser.error("--group_size must be >= 2: GRPO compares each response with its group")
     if args.fsdp_offload and not args.fsdp:
@@ -328,7 +351,8 @@ def parse_args(argv=None, description=""):
 
 # what a checkpoint written before a flag existed did: its value of that flag. Before --task,
 # the embedded task was the count task; before --sample_dtype, generate() read the fp32 policy
-BEFORE_THE_FLAG = {"task": "count", "sample_dtype": "float32"}
+BEFORE_THE_FLAG = {"task": "count", "sample_dtype": "float32", "copy_prior": 0.0,
+                   "control_shuffle_focus": False, "control_phi_mean": False}
 
 
 def check_same_run(saved, args, path, master=True):

@@ -249,13 +249,16 @@ class Rows:
 # -----------------------------------------------------------------------------
 # ---- opening ----: a data set by name, and the order its prompts are drawn in
 
-def open_data(source, split, args, seed_offset, size):
+def open_data(source, split, args, seed_offset, size, copy_prior=0.0):
     """'synthetic' -> the --task of tiny.py; anything else -> Rows over a table.
     seed_offset keeps the synthetic sets apart: training is seed + 0, validation seed + 10_000."""
     # a synthetic task is made on demand: a million rows cost nothing until they are drawn
     if source == "synthetic":
-        task = tiny.ColourCountingTask if getattr(args, "task", "count") == "colour" else tiny.CountingTask
-        return task(args.seed + seed_offset, 1_000_000 if size < 0 else size)
+        size = 1_000_000 if size < 0 else size
+        if getattr(args, "task", "count") == "colour":
+            # copy_prior: the training prompts' late-step prior (validation passes 0: independent)
+            return tiny.ColourCountingTask(args.seed + seed_offset, size, copy_prior=copy_prior)
+        return tiny.CountingTask(args.seed + seed_offset, size)
     table = load_table(source, split, (args.problem_key, args.answer_key, args.images_key))
     # --val_size: the first rows, in the file's order, so that every run validates on the same ones
     if size > 0:

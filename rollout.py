@@ -21,6 +21,7 @@ import re
 import torch
 import torch.utils.checkpoint
 from dataclasses import dataclass
+from PIL import Image
 
 import vgpo
 
@@ -449,15 +450,8 @@ def response_logprobs(lm_head, hidden, tokens, temperature=1.0, chunk=512):
     return torch.cat(parts, dim=1)
 
 
-def score(model, batch, responses, response_mask, *, temperature=1.0, focus=False, logp_chunk=512):
-    """One forward over prompt + response: log-probs of the response tokens (and focus).
-
-    Only the last-layer states are kept (no output_hidden_states over all layers) and
-    lm_head runs on response positions only, never on the prompt, in chunks of
-    `logp_chunk` positions (see response_logprobs).
-    Returns (logp (B, T) float32, focus (B, T) float32 or None).
-    """
-    prompt_len = batch["input_ids"].shape[1]
+def last_states(model, batch, responses, response_mask):
+    """The last-layer states of prompt + response, (B, P + T, D): one forward, no KV cache."""
     inputs = dict(batch)
     inputs["input_ids"] = torch.cat([batch["input_ids"], responses], dim=1)
     inputs["attention_mask"] = torch.cat([batch["attention_mask"], response_mask.long()], dim=1)
@@ -467,7 +461,57 @@ def score(model, batch, responses, response_mask, *, temperature=1.0, focus=Fals
         inputs["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], text_type], dim=1)
     # use_cache=False reaches the text model: a KV cache over every scored sequence is
     # memory that a single forward never reads
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state    # (B, P + T, D)
+    return model.model(**inputs, use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def image_dependence(model, batch, blank_batch, responses, response_mask, chunk=256):
+    """How much each response token's prediction depends on the image: the KL between the
+    next-token distributions with the image and with a blank one of the same size,
+    KL(p(. | image) || p(. | blank)), as PAPO and VPPO measure it. The direct test of
+    VGPO's premise: does its focus score (vgpo.visual_focus) rank tokens the same way?
+
+    blank_batch: the same prompts with every image blanked (same size, so the same tokens).
+    Full-vocabulary log-probs exist for `chunk` positions at a time. Returns (B, T) float32,
+    0 where the image changes nothing. Example: a token the text alone determines -> ~0.
+    """
+    prompt_len = batch["input_ids"].shape[1]
+    # the states at positions P-1 .. P+T-2 predict the T response tokens
+    seen = last_states(model, batch, responses, response_mask)[:, prompt_len - 1:-1]        # (B, T, D)
+    blind = last_states(model, blank_batch, responses, response_mask)[:, prompt_len - 1:-1]
+    parts = []
+    for a, b in zip(seen.split(chunk, dim=1), blind.split(chunk, dim=1)):
+        log_p = torch.log_softmax(model.lm_head(a).float(), dim=-1)                          # (B, c, V)
+        log_q = torch.log_softmax(model.lm_head(b).float(), dim=-1)
+        parts.append((log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0))             # (B, c)
+    return torch.cat(parts, dim=1) * response_mask
+
+
+def rank_correlation(x, y):
+    """Spearman's rank correlation of two 1-D tensors (ties get their average rank).
+    Example: x [1, 2, 3, 4], y [10, 30, 20, 40] -> 0.8; nan with fewer than 2 values."""
+    def ranks(v):
+        values, inverse, counts = torch.unique(v.double(), return_inverse=True, return_counts=True)
+        start = counts.cumsum(0) - counts                               # first rank of each value
+        return (start + (counts - 1) / 2)[inverse]                      # ties share their mean rank
+    if x.numel() < 2:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = (rx.square().sum() * ry.square().sum()).sqrt()
+    return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def score(model, batch, responses, response_mask, *, temperature=1.0, focus=False, logp_chunk=512):
+    """One forward over prompt + response: log-probs of the response tokens (and focus).
+
+    Only the last-layer states are kept (no output_hidden_states over all layers) and
+    lm_head runs on response positions only, never on the prompt, in chunks of
+    `logp_chunk` positions (see response_logprobs).
+    Returns (logp (B, T) float32, focus (B, T) float32 or None).
+    """
+    prompt_len = batch["input_ids"].shape[1]
+    hidden = last_states(model, batch, responses, response_mask)         # (B, P + T, D)
     # the state at position p predicts token p + 1
     logp = response_logprobs(model.lm_head, hidden[:, prompt_len - 1:-1], responses,
                              temperature, logp_chunk)                    # (B, T)
@@ -512,20 +556,27 @@ class Policy(torch.nn.Module):
 # ---- greedy answers and visual focus: validation (train.py) and benchmarks (eval.py) ----
 
 @torch.no_grad()
-def answer_greedily(policy, processor, examples, instruction, *, max_new_tokens, bare, device, focus=False):
+def answer_greedily(policy, processor, examples, instruction, *, max_new_tokens, bare, device, focus=False,
+                    dependence=False):
     """Greedy answers to `examples`, each graded against its "answer": the one scoring
     function of train.py's validation and eval.py's benchmarks.
 
     policy: a Policy (its two calls run the root's hooks under FSDP).
     Returns one record per example, e.g. {"response": "\\boxed{r2g1b3}", "answer": "r2g1b3",
-    "correct": True, "length": 15}, plus with focus=True "focus": the visual focus of each response
-    token (vgpo.visual_focus, Step 1), a 1-D CPU tensor.
+    "correct": True, "length": 15, "tokens": [the response's token ids]}, plus with focus=True
+    "focus": the visual focus of each response token (vgpo.visual_focus, Step 1), a 1-D CPU tensor,
+    and with dependence=True "dependence": each token's image_dependence, likewise.
     """
     batch = to_device(encode_prompts(processor, examples, instruction)[0], device)
     with autocast(device):
         # greedy, nothing taken from the checkpoint's generation_config: the paper's protocol
         responses, mask, _ = policy.generate(processor, batch, max_new_tokens=max_new_tokens, temperature=0)
         scores = policy.score(batch, responses, mask, focus=True)[1] if focus else None       # (B, T)
+        if dependence:
+            # the same prompts with black images of the same sizes: the same tokens, no picture
+            blank = [dict(ex, images=[Image.new("RGB", im.size) for im in ex["images"]]) for ex in examples]
+            blank_batch = to_device(encode_prompts(processor, blank, instruction)[0], device)
+            kl = image_dependence(policy.model, batch, blank_batch, responses, mask)          # (B, T)
     # positions after the first EOS are padding whatever their value (pad may equal EOS)
     texts = processor.batch_decode(torch.where(mask, responses, processor.tokenizer.pad_token_id),
                                    skip_special_tokens=True)
@@ -533,9 +584,11 @@ def answer_greedily(policy, processor, examples, instruction, *, max_new_tokens,
     for k, (example, text) in enumerate(zip(examples, texts)):
         answer = extract_answer(text, bare)
         records.append(dict(response=text, answer=answer, correct=bool(grade(answer, example["answer"])),
-                            length=int(mask[k].sum())))
+                            length=int(mask[k].sum()), tokens=responses[k][mask[k]].tolist()))
         if focus:
             records[-1]["focus"] = scores[k][mask[k]].float().cpu()
+        if dependence:
+            records[-1]["dependence"] = kl[k][mask[k]].float().cpu()
     return records
 
 

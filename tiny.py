@@ -24,6 +24,7 @@ the best a model can do is guess (a colour answer 1 in 27; a count 1 in 4).
 import json
 import os
 import random
+import re
 
 import torch
 from PIL import Image, ImageDraw
@@ -188,7 +189,23 @@ RGB = COLOURS[:3]     # red, green, blue: the colours the task counts
 RGB_NAMES = "rgb"
 
 
-def colour_example(seed, index, blank=False):
+def colour_counts(rng, copy_prior=0.0):
+    """The three counts of a colour example, each 1-3. copy_prior = P(a count equals the one
+    before it): 0 draws them independently; at 0.8 green copies red and blue copies green 4
+    times in 5, otherwise it is one of the two other values. Example: copy_prior 1 -> [2, 2, 2]."""
+    counts = [rng.randint(1, 3)]
+    for _ in RGB[1:]:
+        # the text prior of the late steps: "the same as the count before" is usually right
+        if copy_prior and rng.random() < copy_prior:
+            counts.append(counts[-1])
+        elif copy_prior:
+            counts.append(rng.choice([n for n in (1, 2, 3) if n != counts[-1]]))
+        else:
+            counts.append(rng.randint(1, 3))
+    return counts
+
+
+def colour_example(seed, index, blank=False, copy_prior=0.0):
     """Example `index` of the colour-counting task of `seed`, with its full target response.
 
     1-3 red, 1-3 green and 1-3 blue squares (each count uniform and independent, 9 at
@@ -200,12 +217,14 @@ def colour_example(seed, index, blank=False):
              "answer": "r3g1b2", "solution": "\\boxed{r3g1b2}", "images": [<84x84 PIL image>],
              "id": "colour-0-3"}
     blank=True draws the same example with an empty image (the gold unchanged): a model
-    can only guess, 1 answer in 27 (3.7%), and each count 1 in 3.
+    can only guess, 1 answer in 27 (3.7%), and each count 1 in 3. copy_prior > 0 draws the
+    counts with a late-step prior (colour_counts): the training prompts of --task colour,
+    where the text before a step predicts it, as a model's own reasoning does.
     """
     rng = random.Random(seed * 1_000_003 + index + 7)
     image = Image.new("RGB", (GRID * CELL, GRID * CELL), (20, 20, 20))
     draw = ImageDraw.Draw(image)
-    counts = [rng.randint(1, 3) for _ in RGB]
+    counts = colour_counts(rng, copy_prior)
     cells = rng.sample(range(GRID * GRID), sum(counts))
     colours = [colour for colour, n in zip(RGB, counts) for _ in range(n)]
     for cell, colour in zip(cells, colours):
@@ -221,23 +240,139 @@ def colour_example(seed, index, blank=False):
 
 
 class ColourCountingTask(SyntheticTask):
-    """--task colour, the default: red, green, blue squares counted step by step (colour_example)."""
-    example = staticmethod(colour_example)
+    """--task colour, the default: red, green, blue squares counted step by step (colour_example),
+    the counts drawn with copy_prior (0 = independent: the held-out prompts)."""
+
+    def __init__(self, seed, size, blank=False, copy_prior=0.0):
+        super().__init__(seed, size, blank)
+        self.copy_prior = copy_prior
+
+    def example(self, seed, index, blank):
+        return colour_example(seed, index, blank, self.copy_prior)
+
+
+# -----------------------------------------------------------------------------
+# ---- the chain's steps ----: which step of a response is right, and where it sits
+#
+# The colour task's answer is a chain of steps, "r2g1b3". These read a response step by step,
+# so that validation and eval.py can say WHERE in the chain a policy goes wrong: visual
+# forgetting is a late step that follows the text before it (a copy of the previous count)
+# instead of the image. Hub data marks no steps; there the thirds of rollout.focus_profile apply.
+
+STEP = re.compile(r"([rgb])(\d)")
+
+
+def chain_steps(text):
+    """{step name: (count, character position of its digit)} of the last \\boxed{} of a
+    response (else of the whole text). A step that is missing is absent; a step written twice
+    keeps its first. Example: "\\boxed{r2b3}" -> {"r": (2, 8), "b": (3, 10)}: green skipped."""
+    start = text.rfind("\\boxed{")
+    offset = start + len("\\boxed{") if start >= 0 else 0
+    steps = {}
+    for match in STEP.finditer(text, offset):
+        steps.setdefault(match.group(1), (int(match.group(2)), match.start(2)))
+    return steps
+
+
+def chain_sums(records, golds, tokenizer):
+    """Per-step sums over greedy answers (rollout.answer_greedily records), for validation's
+    log and eval.py, to be divided after an all-reduce:
+        step_correct_k   answers whose step k is right, k = 0 (red), 1 (green), 2 (blue)
+        step_focus_k / step_focused_k   the summed focus at step k's digit token / answers with one
+        late_errors / late_copies       late steps (1, 2) that are wrong / of those, the ones
+                         that repeat the answer's own previous count (the text, not the image)
+    Example: gold "r1g2b2", answer "\\boxed{r1g1b1}": steps 0 right, 1 and 2 wrong; both late
+    errors copy the count before them -> late_errors 2, late_copies 2.
+    """
+    sums = {}
+    for k in range(len(RGB)):
+        sums.update({f"step_correct_{k}": 0.0, f"step_focus_{k}": 0.0, f"step_focused_{k}": 0.0})
+    sums.update(late_errors=0.0, late_copies=0.0)
+    for record, gold in zip(records, golds):
+        truth = [count for count, _ in chain_steps(gold).values()]
+        steps = chain_steps(record["response"])
+        said = [steps.get(name, (None, None))[0] for name in RGB_NAMES]
+        # which response token holds each character: the decoded length of every token so far
+        ends = None
+        if "focus" in record:
+            pieces = tokenizer.batch_decode([[t] for t in record["tokens"]], skip_special_tokens=True)
+            ends = torch.tensor([len(p) for p in pieces]).cumsum(0)
+        for k, name in enumerate(RGB_NAMES):
+            sums[f"step_correct_{k}"] += float(said[k] == truth[k])
+            if ends is not None and name in steps:
+                token = int(torch.searchsorted(ends, steps[name][1], right=True))
+                if token < len(record["focus"]):
+                    sums[f"step_focus_{k}"] += float(record["focus"][token])
+                    sums[f"step_focused_{k}"] += 1
+            if k > 0 and said[k] != truth[k]:
+                sums["late_errors"] += 1
+                sums["late_copies"] += float(said[k] is not None and said[k] == said[k - 1])
+    return sums
+
+
+def prior_probability(text, copy_prior):
+    """The probability that a prompt drawn with copy_prior (colour_counts) has the answer the
+    response gives: 1/3 for the first count, then copy_prior for a repeated count and
+    (1 - copy_prior) / 2 for each other one. Example: "\\boxed{r1g1b1}" at 0.8 -> 1/3 x 0.8 x 0.8
+    = 0.213; "\\boxed{r1g2b3}" -> 1/3 x 0.1 x 0.1 = 0.003; no full chain -> 0."""
+    steps = chain_steps(text)
+    counts = [steps[name][0] for name in RGB_NAMES if name in steps]
+    if len(counts) != len(RGB) or not all(1 <= c <= 3 for c in counts):
+        return 0.0
+    if not copy_prior:                          # drawn independently: 1 in 27 for every chain
+        return (1 / 3) ** len(RGB)
+    p = 1 / 3
+    for before, now in zip(counts, counts[1:]):
+        p *= copy_prior if now == before else (1 - copy_prior) / 2
+    return p
+
+
+def chain_metrics(sums, n, prefix="val_"):
+    """The named means of chain_sums' (all-reduced) sums over n answers: step accuracy and
+    step focus as lists in chain order (red, green, blue), and the late errors' copy share."""
+    steps = range(len(RGB))
+    out = {f"{prefix}step_acc": [sums[f"step_correct_{k}"] / max(n, 1) for k in steps],
+           f"{prefix}step_focus": [sums[f"step_focus_{k}"] / sums[f"step_focused_{k}"]
+                                   if sums[f"step_focused_{k}"] else float("nan") for k in steps]}
+    out[f"{prefix}late_copy_share"] = sums["late_copies"] / sums["late_errors"] if sums["late_errors"] \
+        else float("nan")
+    return out
 
 
 # -----------------------------------------------------------------------------
 # ---- the embedded default's starting policy ----: a supervised warm start
 
+def warm_start_sets(seed, copy_prior, size, n_checks=64):
+    """The warm start's training examples and its held-out checks. It trains on the prior's
+    prompts, as RL does; it stops on prompts drawn without the prior, because a stop on the
+    prior's own prompts is met by learning the prior instead of reading the image."""
+    return (ColourCountingTask(seed + 20_000, size, copy_prior=copy_prior),
+            [colour_example(seed + 30_000, i) for i in range(n_checks)])
+
+
+def warm_start_done(first_step_accuracy, target):
+    """The warm start's stopping rule: stop once the FIRST step (red) is right on `target` of
+    the held-out prompts. No text predicts the first count, so this measures reading the
+    image, and the prior cannot meet it. The late steps, which the prior lets the model
+    answer from its own earlier text, lag behind at that point: seeds 0-3 stopped at about
+    0.8 / 0.7 / 0.55 along the chain (BENCHMARKS.md). A stop on the whole answer's accuracy
+    fell anywhere from before red was read to after every step was. Example: 0.82 -> True."""
+    return first_step_accuracy >= target
+
+
 def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_every=2, max_steps=300,
-               target=0.4):
+               target=0.8, n_checks=128):
     """Write `model_path` after a short supervised warm start on the colour task to `out_path`.
 
     The stand-in for "-Instruct": the paper starts RL from Qwen2.5-VL-7B-Instruct, a policy
     that already answers in the expected format. Here the tiny random model is trained with
     teacher-forced cross-entropy on the task's full solutions ("\\boxed{r2g1b3}" + EOS)
-    until it follows the format and its greedy accuracy on 64 held-out examples reaches
-    `target` (checked every `check_every` steps): then it stops, clearly imperfect on the
-    answer, so that RL has most of the way still to go.
+    until it follows the format and reads the first step off the image: greedy accuracy at
+    the first step of `n_checks` held-out examples reaches `target` (warm_start_done, checked
+    every `check_every` steps). Then it stops, clearly imperfect on the answer, so that RL has
+    most of the way still to go. It trains with --copy_prior and checks without it
+    (warm_start_sets): at the stop it leans on the prior's shortcut, so its late steps follow
+    the earlier ones where held-out prompts need the image.
 
     Deterministic from --seed: it trains on task seed + 20_000 (neither the RL training
     set, seed + 0, nor validation, seed + 10_000) and checks on seed + 30_000, in order,
@@ -259,10 +394,9 @@ def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_ever
     model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(model_path)
     tokenizer = processor.tokenizer
-    train = ColourCountingTask(args.seed + 20_000, batch * max_steps)
-    checks = [colour_example(args.seed + 30_000, i) for i in range(64)]
+    train, checks = warm_start_sets(args.seed, args.copy_prior, batch * max_steps, n_checks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    cpu, accuracy = torch.device("cpu"), 0.0
+    cpu, accuracy, step_acc = torch.device("cpu"), 0.0, [0.0] * len(RGB)
     bar = tqdm(total=max_steps, desc="warm start", unit="step", disable=not master, dynamic_ncols=True)
     for step in range(1, max_steps + 1):
         examples = [train[i] for i in range((step - 1) * batch, step * batch)]
@@ -286,15 +420,19 @@ def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_ever
             records = rollout.answer_greedily(rollout.Policy(model), processor, checks, args.instruction,
                                               max_new_tokens=args.val_max_new_tokens, bare=False, device=cpu)
             accuracy = sum(r["correct"] for r in records) / len(records)
-            bar.set_postfix(loss=f"{loss.item():.3f}", held_out_acc=f"{accuracy:.2f}")
-            if accuracy >= target:
+            step_acc = chain_metrics(chain_sums(records, [c["answer"] for c in checks], tokenizer),
+                                     len(checks), prefix="")["step_acc"]
+            bar.set_postfix(loss=f"{loss.item():.3f}", held_out_acc=f"{accuracy:.2f}",
+                            steps="/".join(f"{a:.2f}" for a in step_acc))
+            if warm_start_done(step_acc[0], target):
                 break
     bar.close()
     tmp = f"{out_path}.tmp{os.getpid()}"
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     with open(os.path.join(tmp, "warm_start.json"), "w") as f:
-        json.dump(dict(steps=step, accuracy=accuracy, target=target, batch=batch, lr=lr), f)
+        json.dump(dict(steps=step, accuracy=accuracy, step_accuracy=step_acc, target=target,
+                       copy_prior=args.copy_prior, batch=batch, lr=lr), f)
     os.replace(tmp, out_path)                  # atomic: nobody ever loads half a model
     return out_path, step, accuracy
 

@@ -11,16 +11,14 @@ Train a vision-language model with VGPO (or plain DAPO/GRPO) on verifiable rewar
     python train.py --out_dir out --resume            # continue from out/checkpoints/latest
 
 With no arguments it builds a tiny Qwen2.5-VL, warm-starts it on a synthetic task whose
-answers reason step by step about the image ("\\boxed{r2g1b3}": red, green, blue
-squares counted in turn; tiny.py), then trains it with VGPO, in about 6 minutes on a
-laptop CPU; --task count is the one-digit counting task. The same code trains a hub
-model: --model Qwen/Qwen2.5-VL-7B-Instruct --train_data <id or local file>.
+answers count red, green and blue squares in turn ("\\boxed{r2g1b3}", tiny.py), then trains
+it with VGPO, in about 6 minutes on a laptop CPU. The same code trains a hub model:
+--model Qwen/Qwen2.5-VL-7B-Instruct --train_data <id or local file>.
 
-Reading order: this file top to bottom, then vgpo.py (the paper's equations), then
-rollout.py (prompts, sampling, rewards, the scoring forward). That is the whole
-algorithm. Each piece of plumbing is one call into a file named for its job, which a
-first reading can skip: config.py (flags), parallel.py (ranks, FSDP2), models.py
-(loading, the memory plan), dataset.py (reading and checking rows), checkpoints.py
+Reading order: this file, then vgpo.py (the paper's equations), then rollout.py (prompts,
+sampling, rewards, the scoring forward): the whole algorithm. Plumbing is one call into a
+file named for its job, which a first reading skips: config.py (flags), parallel.py (ranks,
+FSDP2), models.py (loading, memory plan), dataset.py (rows and their checks), checkpoints.py
 (checkpoints, resume, the log), tiny.py (the embedded model and tasks).
 
 How one step differs from textbook GRPO, in order:
@@ -41,13 +39,10 @@ How one step differs from textbook GRPO, in order:
  6. --fsdp (on in the 7B preset): FSDP2 shards weights, gradients and AdamW state over
     the ranks instead, one unit per decoder layer and vision block; the backward
     reduce-scatters the same SUM. Rollout, scoring and validation run with the full
-    weights gathered once (parallel.full_weights). Checkpoints stay plain
-    save_pretrained folders.
+    weights gathered once (parallel.full_weights). Checkpoints stay save_pretrained folders.
 """
 
-import json
 import math
-import os
 import random
 import sys
 import time
@@ -219,17 +214,31 @@ def vgpo_switches(args):
     """The flags of vgpo.vgpo_advantages: the ablation switches and Eq. 5-6's parameters."""
     return dict(intra=args.intra, inter=args.inter, compensation=args.compensation, gate=args.gate,
                 beta=args.beta, kappa=args.kappa, gamma=args.gamma, schedule=args.schedule,
-                start=args.comp_start, exponent=args.exponent, step_at=args.step_at)
+                start=args.comp_start, exponent=args.exponent, step_at=args.step_at,
+                phi_mean=args.control_phi_mean)
 
 
-def token_advantages(samples, focus, switches):
-    """Step 3: vgpo.vgpo_advantages on this rank's groups (zero rows give zero tensors)."""
+def shuffle_within_responses(focus, mask):
+    """--control_shuffle_focus: each response's focus values in a random order among its own
+    valid tokens. Lengths and each response's values are kept, the link between a token
+    and how much it looks at the image is not: what VGPO gains then is not visual guidance.
+    Example: focus [[.1, .5, .9, pad]] -> e.g. [[.9, .1, .5, pad]]. Seeded by the step's seed."""
+    keys = torch.rand(focus.shape).masked_fill(~mask, float("inf"))       # padding sorts last
+    order = keys.argsort(dim=1)                  # valid positions first (left-aligned), shuffled
+    return torch.where(mask, focus.gather(1, order), focus)
+
+
+def token_advantages(samples, focus, switches, shuffle_focus=False):
+    """Step 3: vgpo.vgpo_advantages on this rank's groups (zero rows give zero tensors).
+    shuffle_focus: the --control_shuffle_focus control (shuffle_within_responses)."""
     # an empty rollout still yields tensors of the right shape, so the step's statistics
     # all-reduce runs on this rank too (ranks must call the same collectives)
     if len(samples) == 0:
         empty_rows, empty_tokens = torch.zeros(0), torch.zeros(samples.mask.shape)
         return empty_tokens, dict(psi=empty_tokens, alpha=empty_rows, gate=samples.mask.clone())
     has_image = samples.images_per_row > 0          # (N,): prompts without an image get GRPO
+    if shuffle_focus:
+        focus = shuffle_within_responses(focus, samples.mask)
     return vgpo.vgpo_advantages(samples.reward, samples.group_ids, focus, samples.mask, has_image, **switches)
 
 
@@ -351,11 +360,17 @@ def update_policy(policy, optimizer, params, samples, args, ranks, probe=None):
 def validate(policy, processor, data, args, ranks):
     """Greedy accuracy on the validation set, sharded over ranks (rollout.answer_greedily,
     the same scoring as eval.py's benchmarks), with the mean response length and, with
-    --val_focus, the late / early visual focus of the answers (rollout.focus_profile)."""
+    --val_focus, the late / early visual focus of the answers (rollout.focus_profile).
+    On the colour task also where the chain goes wrong (tiny.chain_sums): accuracy and
+    focus at each step, the share of late errors that copy the step before, and accuracy
+    on blank images of prior prompts (see below for what it does and does not tell)."""
     policy.eval()
+    chain = args.task == "colour" and args.val_data == "synthetic"
     # every rank answers every world-th example; the sums are reduced over ranks at the end
     mine = list(range(ranks.rank, len(data), ranks.world))
     sums = dict(correct=0.0, total=len(mine), tokens=0.0, early=0.0, n_early=0.0, late=0.0, n_late=0.0)
+    if chain:                                        # the same keys on every rank, even one with no rows
+        sums.update(tiny.chain_sums([], [], None))
     with parallel.full_weights(policy):              # under FSDP: gathered once for all the answers
         for start in range(0, len(mine), args.val_batch):
             examples = [data[i] for i in mine[start:start + args.val_batch]]
@@ -373,6 +388,19 @@ def validate(policy, processor, data, args, ranks):
                 for name, part in (("early", thirds[:, 0]), ("late", thirds[:, 2])):
                     sums[name] += float(part.nansum())
                     sums["n_" + name] += int((~part.isnan()).sum())
+            if chain:
+                steps = tiny.chain_sums(records, [ex["answer"] for ex in examples], processor.tokenizer)
+                for name, value in steps.items():
+                    sums[name] += value
+        if chain:
+            # every blank prompt is one input (one question, an empty image): greedy answers it once,
+            # and its accuracy on prior prompts is that answer's prior probability (tiny.py): what it
+            # writes without an image (0.21 for "r1g1b1"), not how much it reads one
+            blank = tiny.colour_example(args.seed + 40_000, 0, blank=True, copy_prior=args.copy_prior)
+            blank_answer = rollout.answer_greedily(policy, processor, [blank], args.instruction,
+                                                   device=ranks.device,
+                                                   max_new_tokens=args.val_max_new_tokens,
+                                                   bare=args.bare_answers)[0]["response"]
     total = ranks.sum_named(sums)
     answered = max(total["total"], 1)
     out = dict(val_acc=total["correct"] / answered, val_len=total["tokens"] / answered)
@@ -381,11 +409,14 @@ def validate(policy, processor, data, args, ranks):
         early, late = total["early"] / total["n_early"], total["late"] / total["n_late"]
         out.update(val_focus_early=early, val_focus_late=late,
                    val_focus_ratio=late / early if early > 0 else float("nan"))
+    if chain:
+        out.update(tiny.chain_metrics(total, total["total"]))
+        out["val_blank_prior_acc"] = tiny.prior_probability(blank_answer, args.copy_prior)
     return out
 
 
 # -----------------------------------------------------------------------------
-# ---- log ----: one row of named metrics a step, summed over ranks, and a few samples to read
+# ---- log ----: VGPO's weights summed over ranks (the row itself: checkpoints.log_row)
 
 def vgpo_stats(stats, mask, focus, ranks):
     """ψ / α / gate summaries and early / late visual focus for the log, over all ranks.
@@ -411,39 +442,6 @@ def vgpo_stats(stats, mask, focus, ranks):
                 alpha_mean=total["alpha"] / responses, alpha_std=math.sqrt(total["alpha_sq"] / responses),
                 focus_early=total["early"] / max(total["n_early"], 1),
                 focus_late=total["late"] / max(total["n_late"], 1), gate_frac=total["gate"] / tokens)
-
-
-def log_row(step, stream, n_rows, counts, tries, bad_rows, update, skipped, lr):
-    """The step's metrics, from counts already summed over ranks. `reward` is the mean
-    reward of the responses sampled: the accuracy unless --reward replaces it."""
-    n = max(counts["responses"], 1)
-    row = dict(step=step, epoch=stream.position / n_rows, data_position=stream.position,
-               reward=counts["reward_sum"] / n, response_len=counts["len_sum"] / n,
-               truncated=counts["truncated"] / n, sampled_groups=int(counts["sampled_groups"]),
-               kept_groups=int(counts["kept_groups"]), zero_std_groups=int(counts["zero_std_groups"]),
-               tries=tries, bad_rows=bad_rows, long_prompts=int(counts["long_prompts"]),
-               updates=update["updates"], skipped_updates=skipped, lr=lr)
-    if update["updates"]:                            # means over the step's optimizer steps
-        row.update({k: v / update["updates"] for k, v in update.items() if k != "updates"})
-    return row
-
-
-def write_samples(args, processor, step, samples, stats, n=4):
-    """samples.jsonl: a few responses of this step, with reward, GRPO advantage Â, α and the
-    mean token advantage, because RL is debugged by reading what the model wrote."""
-    if len(samples) == 0:
-        return
-    rows = torch.arange(min(n, len(samples)))
-    pad_id = processor.tokenizer.pad_token_id
-    texts = processor.batch_decode(torch.where(samples.mask[rows], samples.responses[rows], pad_id),
-                                   skip_special_tokens=True)
-    mask = samples.mask[rows].float()
-    with open(os.path.join(args.out_dir, "samples.jsonl"), "a") as f:
-        for k, text in zip(rows.tolist(), texts):
-            f.write(json.dumps(dict(
-                step=step, group=int(samples.group_ids[k]), response=text, reward=float(samples.reward[k]),
-                grpo_advantage=float(stats["grpo"][k]), alpha=float(stats["alpha"][k]),
-                token_advantage_mean=float((samples.adv[k] * mask[k]).sum() / mask[k].sum()))) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -517,7 +515,9 @@ def set_up(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     # the data, checked before the first step
-    train_data = dataset.open_data(args.train_data, args.train_split, args, seed_offset=0, size=-1)
+    # the colour task's training prompts carry a late-step prior (--copy_prior); validation's do not
+    train_data = dataset.open_data(args.train_data, args.train_split, args, seed_offset=0, size=-1,
+                                   copy_prior=args.copy_prior)
     val_data = dataset.open_data(args.val_data, args.val_split, args, seed_offset=10_000, size=args.val_size)
     bad_rows = dataset.checked_training(train_data, args, ranks.master)
     val_data = dataset.checked_validation(val_data, args, ranks)
@@ -549,7 +549,7 @@ def set_up(args):
 # -----------------------------------------------------------------------------
 # ---- main ----: the loop
 
-def parse_args(argv=None):
+def parse_args(argv=None):                           # the flags and presets are in config.py
     return config.parse_args(argv, description=__doc__)
 
 
@@ -566,8 +566,7 @@ def train(args, run, stop):
     """rollout -> advantages -> update -> log & checkpoint, until the run is finished."""
     from tqdm import tqdm
     ranks, policy, processor, stream = run.ranks, run.policy, run.processor, run.stream
-    bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not ranks.master, desc="train",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not ranks.master, unit="step")
     reporter = checkpoints.Reporter(args, ranks.master)
     step, skipped, row, stopping = run.start_step, run.skipped_updates, {}, False
     first_position = stream.position                # the bad-row share counts the prompts drawn since
@@ -576,7 +575,7 @@ def train(args, run, stop):
     if step == 0 and args.val_every:
         start = validate(policy, processor, run.val_data, args, ranks)
         if ranks.master:
-            bar.write("before training: " + ", ".join(f"{k} {v:.3f}" for k, v in start.items()))
+            bar.write("before training: " + checkpoints.format_metrics(start))
     while not run.finished(step, args):
         t0 = time.time()
         # every step re-seeds from (seed, rank, step): a resumed run samples exactly the same
@@ -597,7 +596,8 @@ def train(args, run, stop):
                 samples.ref_logp, _ = score_rollouts(run.reference, samples, args, ranks.device, focus=False)
 
         # ---- advantages ----
-        samples.adv, stats = token_advantages(samples, focus, vgpo_switches(args))    # (N, T): Â · α · ψ
+        # (N, T): A = Â · α · ψ, the GRPO advantage re-weighted token by token (Eq. 5-11)
+        samples.adv, stats = token_advantages(samples, focus, vgpo_switches(args), args.control_shuffle_focus)
 
         # ---- update ----
         lr = lr_at(step, run.total_steps, args)
@@ -613,7 +613,7 @@ def train(args, run, stop):
         counts = ranks.sum_named(counts)
         # this step's bad rows; stops the run when the data is unusable (dataset.BadRows)
         bad = run.bad_rows.end_step(ranks, stream.position - first_position, counts, args.max_prompt_len)
-        row = log_row(step, stream, len(run.train_data), counts, tries, bad, update, skipped, lr)
+        row = checkpoints.log_row(step, stream, len(run.train_data), counts, tries, bad, update, skipped, lr)
         row.update(vgpo_stats(stats, samples.mask, focus, ranks))
         if step == 1:
             row.update({f"start_{k}": v for k, v in start.items()})     # step 0's validation
@@ -631,7 +631,7 @@ def train(args, run, stop):
         if ranks.master:                             # the log line first: a resume drops lines after its step
             checkpoints.print_row(bar, row)
             checkpoints.append_metrics(args.out_dir, row)
-            write_samples(args, processor, step, samples, stats)
+            checkpoints.write_samples(args, processor, step, samples, stats)
         reporter.log(row)
         if save:
             checkpoints.save_checkpoint(policy, processor, run.optimizer, step, stream, args, row, ranks)

@@ -301,7 +301,7 @@ def _checked_inputs(rewards, focus, response_mask, has_image, schedule, gamma, k
 def vgpo_advantages(rewards, group_ids, focus, response_mask, has_image=None, *,
                     intra=True, inter=True, compensation=True, gate=True,
                     beta=0.3, kappa=0.2, gamma=0.5, schedule="linear", start=0.0,
-                    exponent=2.0, step_at=0.5):
+                    exponent=2.0, step_at=0.5, phi_mean=False):
     """Steps 0-6: the token-level VGPO advantage A_{i,t} = Â_i · α_i · ψ_{i,t}.
 
     rewards       (N,)   float, one verifiable reward per response
@@ -315,6 +315,9 @@ def vgpo_advantages(rewards, group_ids, focus, response_mask, has_image=None, *,
                          switch is off, so all four off is exactly GRPO.
     beta (β), kappa (κ), gamma (γ), schedule, start (s0), exponent (p), step_at: the
                          compensation and gate hyper-parameters (Eq. 5-6).
+    phi_mean:            a CONTROL, not the paper (off by default): φ_i as the mean of ŵ over
+                         the response's tokens instead of the sum of Eq. 9, so that α no
+                         longer grows with a response's length (train.py --control_phi_mean).
 
     Returns (advantages (N, T) float32 with 0 on padding, stats) where stats holds the
     intermediate tensors: grpo (N,), w, compensation, gate, w_tilde, w_hat, psi (N, T),
@@ -359,6 +362,8 @@ def vgpo_advantages(rewards, group_ids, focus, response_mask, has_image=None, *,
 
     # ---- Step 5: inter-trajectory α, Eq. 9-11 ----
     phi = (w_hat * mask).sum(dim=1)                                      # (N,)
+    if phi_mean:                                 # the length control: a mean instead of Eq. 9's sum
+        phi = phi / mask.sum(dim=1)
     alpha = inter_weights(phi, index, counts) if inter else torch.ones_like(phi)
 
     # ---- Step 6: A = Â α ψ ----
