@@ -696,7 +696,8 @@ def forgetting_run(out):
                 copy_share=last["val_late_copy_share"], rho_start=start["focus_dependence_spearman"],
                 rho_end=end["focus_dependence_spearman"], start_acc=rows[0]["start_val_acc"],
                 start_steps=rows[0]["start_val_step_acc"], minutes=sum(r["time"] for r in rows) / 60,
-                curve=curve)
+                curve=curve, steps=last["val_step_acc"], step_focus=last["val_step_focus"],
+                start_step_focus=rows[0]["start_val_step_focus"])
 
 
 def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500):
@@ -763,7 +764,37 @@ def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500):
             parts.append(f"{k} {mean:+.3f} ± {se:.3f}{' *' if abs(mean) > 2 * se else ''}")
         print(f"{a} - {b}: " + ", ".join(parts))
     plot_forgetting(results, "docs/forgetting.png")
-    print("wrote docs/forgetting.png")
+    plot_chain(results, "docs/focus_steps.png")
+    print("wrote docs/forgetting.png and docs/focus_steps.png")
+
+
+def plot_chain(results, path):
+    """Accuracy and visual focus at each step of the chain: the shared warm start, then each
+    arm's final checkpoint, means over seeds. Visual forgetting is a fall along the chain."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    start = results["VGPO"]                                     # every arm starts from the same one
+    lines = [("warm start", "black", [r["start_steps"] for r in start],
+              [r["start_step_focus"] for r in start])]
+    colours = ("tab:blue", "tab:red", "tab:gray", "tab:green")
+    lines += [(arm, colour, [r["steps"] for r in runs], [r["step_focus"] for r in runs])
+              for (arm, runs), colour in zip(results.items(), colours) if arm in ("DAPO", "VGPO")]
+    for label, colour, acc, focus in lines:
+        for ax, values in zip(axes, (acc, focus)):
+            ax.plot(["red (1)", "green (2)", "blue (3)"], torch.tensor(values).mean(0), color=colour,
+                    marker="o", label=f"{label} ({len(values)} seeds)")
+    axes[0].set_ylabel("held-out accuracy of the step")
+    axes[1].set_ylabel("visual focus at the step's digit")
+    for ax in axes:
+        ax.set_xlabel("step of the chain")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("the embedded default along its chain: warm start, then VGPO and DAPO after RL")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_forgetting(results, path):
