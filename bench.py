@@ -809,7 +809,7 @@ def plot_forgetting(results, path):
             ax.plot(steps, values.mean(0), color=colour, marker="o", label=f"{arm} ({len(runs)} seeds)")
             ax.fill_between(steps, values.min(0).values, values.max(0).values, color=colour, alpha=0.12)
     axes[0].set_ylabel("held-out accuracy (greedy)")
-    axes[1].set_ylabel("blank-image accuracy on prior prompts\n(0.21: follows the text prior; 0.04: chance)")
+    axes[1].set_ylabel("prior probability of the answer\nwritten to a blank image (0.21: a repeated count)")
     for ax in axes:
         ax.set_xlabel("RL step (0 = the shared warm start)")
         ax.grid(alpha=0.3)
