@@ -78,6 +78,9 @@ parser.add_argument("--jobs", type=int, default=1, help="section 7: runs at once
 parser.add_argument("--forgetting", type=int, default=0, metavar="SEEDS",
                     help="only section 10: DAPO, VGPO and VGPO's two controls from one warm start per seed, "
                          "seeds 0..SEEDS-1, paired differences with standard errors, docs/forgetting.png")
+parser.add_argument("--forgetting_arms", nargs="+", default=None,
+                    choices=["DAPO", "VGPO", "VGPO, focus shuffled", "VGPO, phi a mean"],
+                    help="section 10: only these arms (default: all four)")
 parser.add_argument("--forgetting_steps", type=int, default=150,
                     help="section 10: RL steps of each run (150: the embedded default's)")
 parser.add_argument("--credit", nargs="+", default=[], metavar="CKPT",
@@ -700,7 +703,7 @@ def forgetting_run(out):
                 start_step_focus=rows[0]["start_val_step_focus"])
 
 
-def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500):
+def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500, arms=None):
     import shutil
     import config
     import parallel
@@ -711,7 +714,8 @@ def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500):
         if not os.path.exists(os.path.join(warm, "tiny-init-warm", "model.safetensors")):
             tiny.starting_model(config.parse_args(["--seed", str(seed), "--out_dir", warm]), parallel.Ranks())
     slug = lambda arm: arm.lower().replace(", ", "-").replace(" ", "-")
-    todo = [(arm, seed) for seed in range(seeds) for arm in FORGETTING_ARMS
+    arms = {arm: FORGETTING_ARMS[arm] for arm in (arms or FORGETTING_ARMS)}
+    todo = [(arm, seed) for seed in range(seeds) for arm in arms
             if not os.path.exists(os.path.join(runs_dir, f"{slug(arm)}-{seed}", "eval_done"))]
     # the CPU's threads shared out between the runs at once, so they do not oversubscribe it
     threads = max(1, max(2, torch.get_num_threads()) // jobs)
@@ -726,7 +730,7 @@ def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500):
             # 500 held-out prompts, validated every 50 steps; then eval.py scores the warm start and the
             # final checkpoint with --focus (the focus / image dependence correlation)
             cmd = (f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume --val_size {val_size} "
-                   f"--val_every 50 --max_steps {steps} {' '.join(FORGETTING_ARMS[arm])}"
+                   f"--val_every 50 --max_steps {steps} {' '.join(arms[arm])}"
                    f" && {sys.executable} eval.py --ckpt {out}/tiny-init-warm {out} --focus"
                    f" && touch {out}/eval_done")
             print(f"{arm} seed {seed}: {out} ({threads} threads)", flush=True)
@@ -738,7 +742,7 @@ def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500):
                 if proc.returncode:
                     raise SystemExit(f"{out} failed; see {out}/log.txt")
     results = {arm: [forgetting_run(os.path.join(runs_dir, f"{slug(arm)}-{s}")) for s in range(seeds)]
-               for arm in FORGETTING_ARMS}
+               for arm in arms}
     keys = ("acc", "first", "middle", "last", "blank_prior", "copy_share", "rho_start", "rho_end", "minutes")
     print(f"\nthe embedded default, {seeds} seeds per arm, {val_size} held-out prompts: "
           f"mean ± sd over seeds")
@@ -754,6 +758,8 @@ def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500):
     # a difference counts only beyond twice its standard error
     print("\npaired differences (mean over seeds ± standard error; * = beyond 2 standard errors)")
     for a, b in (("VGPO", "DAPO"), ("VGPO", "VGPO, focus shuffled"), ("VGPO", "VGPO, phi a mean")):
+        if a not in results or b not in results:
+            continue
         parts = []
         for k in ("acc", "last", "blank_prior", "copy_share", "rho_end"):
             d = [x[k] - y[k] for x, y in zip(results[a], results[b]) if x[k] == x[k] and y[k] == y[k]]
@@ -912,7 +918,7 @@ if args.vgpo_vs_dapo:
     sys.exit(0)
 
 if args.forgetting:
-    forgetting(args.forgetting, args.runs_dir, args.jobs, args.forgetting_steps)
+    forgetting(args.forgetting, args.runs_dir, args.jobs, args.forgetting_steps, arms=args.forgetting_arms)
     sys.exit(0)
 
 
