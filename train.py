@@ -12,7 +12,7 @@ Train a vision-language model with VGPO (or plain DAPO/GRPO) on verifiable rewar
 
 With no arguments it builds a tiny Qwen2.5-VL, warm-starts it on a synthetic task whose
 answers count red, green and blue squares in turn ("\\boxed{r2g1b3}", tiny.py), then trains
-it with VGPO, in about 6 minutes on a laptop CPU. The same code trains a hub model:
+it with VGPO, in about 7 minutes on a laptop CPU. The same code trains a hub model:
 --model Qwen/Qwen2.5-VL-7B-Instruct --train_data <id or local file>.
 
 Reading order: this file, then vgpo.py (the paper's equations), then rollout.py (prompts,
