@@ -567,6 +567,23 @@ def run_quietly(cmd, threads, log):
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
+def run_all(runs, jobs, threads):
+    """Run (label, out, command) triples, `jobs` at a time, each command's output in out/log.txt;
+    stop at the first that fails."""
+    running = []
+    while runs or running:
+        while runs and len(running) < jobs:
+            label, out, cmd = runs.pop(0)
+            print(f"{label}: {out} ({threads} threads)", flush=True)
+            running.append((run_quietly(["bash", "-c", cmd], threads, os.path.join(out, "log.txt")), out))
+        time.sleep(5)
+        for proc, out in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, out))
+                if proc.returncode:
+                    raise SystemExit(f"{out} failed; see {out}/log.txt")
+
+
 def read_run(out):
     """What one run logged: the validation curve (step 0 = the warm start) and summaries."""
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -602,25 +619,17 @@ def vgpo_vs_dapo(seeds, runs_dir, jobs):
             if not os.path.exists(os.path.join(runs_dir, f"{m.lower()}-{s}", "eval_done"))]
     # the CPU's threads shared out between the runs at once, so they do not oversubscribe it
     threads = max(1, 2 // jobs) if torch.get_num_threads() <= 2 else max(1, torch.get_num_threads() // jobs)
-    running = []
-    while todo or running:
-        while todo and len(running) < jobs:
-            method, seed = todo.pop(0)
-            out = os.path.join(runs_dir, f"{method.lower()}-{seed}")
-            os.makedirs(out, exist_ok=True)
-            # train (resumed if it was cut off), then score the final checkpoint with eval.py
-            cmd = (f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume "
-                   f"{' '.join(methods[method])}"
-                   f" && {sys.executable} eval.py --ckpt {out} --image_ablation blank --focus"
-                   f" && touch {out}/eval_done")
-            print(f"{method} seed {seed}: {out} ({threads} threads)", flush=True)
-            running.append((run_quietly(["bash", "-c", cmd], threads, os.path.join(out, "log.txt")), out))
-        time.sleep(5)
-        for proc, out in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, out))
-                if proc.returncode:
-                    raise SystemExit(f"{out} failed; see {out}/log.txt")
+    runs = []
+    for method, seed in todo:
+        out = os.path.join(runs_dir, f"{method.lower()}-{seed}")
+        os.makedirs(out, exist_ok=True)
+        # train (resumed if it was cut off), then score the final checkpoint with eval.py
+        runs.append((f"{method} seed {seed}", out,
+                     f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume "
+                     f"{' '.join(methods[method])}"
+                     f" && {sys.executable} eval.py --ckpt {out} --image_ablation blank --focus"
+                     f" && touch {out}/eval_done"))
+    run_all(runs, jobs, threads)
     results = {m: [read_run(os.path.join(runs_dir, f"{m.lower()}-{s}")) for s in range(seeds)]
                for m in methods}
 
@@ -719,28 +728,20 @@ def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500, arms=None):
             if not os.path.exists(os.path.join(runs_dir, f"{slug(arm)}-{seed}", "eval_done"))]
     # the CPU's threads shared out between the runs at once, so they do not oversubscribe it
     threads = max(1, max(2, torch.get_num_threads()) // jobs)
-    running = []
-    while todo or running:
-        while todo and len(running) < jobs:
-            arm, seed = todo.pop(0)
-            out = os.path.join(runs_dir, f"{slug(arm)}-{seed}")
-            for part in ("tiny-init", "tiny-init-warm"):
-                if not os.path.exists(os.path.join(out, part)):
-                    shutil.copytree(os.path.join(runs_dir, f"warm-{seed}", part), os.path.join(out, part))
-            # 500 held-out prompts, validated every 50 steps; then eval.py scores the warm start and the
-            # final checkpoint with --focus (the focus / image dependence correlation)
-            cmd = (f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume --val_size {val_size} "
-                   f"--val_every 50 --max_steps {steps} {' '.join(arms[arm])}"
-                   f" && {sys.executable} eval.py --ckpt {out}/tiny-init-warm {out} --focus"
-                   f" && touch {out}/eval_done")
-            print(f"{arm} seed {seed}: {out} ({threads} threads)", flush=True)
-            running.append((run_quietly(["bash", "-c", cmd], threads, os.path.join(out, "log.txt")), out))
-        time.sleep(5)
-        for proc, out in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, out))
-                if proc.returncode:
-                    raise SystemExit(f"{out} failed; see {out}/log.txt")
+    runs = []
+    for arm, seed in todo:
+        out = os.path.join(runs_dir, f"{slug(arm)}-{seed}")
+        for part in ("tiny-init", "tiny-init-warm"):
+            if not os.path.exists(os.path.join(out, part)):
+                shutil.copytree(os.path.join(runs_dir, f"warm-{seed}", part), os.path.join(out, part))
+        # 500 held-out prompts, validated every 50 steps; then eval.py scores the warm start and the
+        # final checkpoint with --focus (the focus / image dependence correlation)
+        runs.append((f"{arm} seed {seed}", out,
+                     f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume "
+                     f"--val_size {val_size} --val_every 50 --max_steps {steps} {' '.join(arms[arm])}"
+                     f" && {sys.executable} eval.py --ckpt {out}/tiny-init-warm {out} --focus"
+                     f" && touch {out}/eval_done"))
+    run_all(runs, jobs, threads)
     results = {arm: [forgetting_run(os.path.join(runs_dir, f"{slug(arm)}-{s}")) for s in range(seeds)]
                for arm in arms}
     keys = ("acc", "first", "middle", "last", "blank_prior", "copy_share", "rho_start", "rho_end", "minutes")
