@@ -14,6 +14,7 @@ plus training_state.pt, vgpo_config.json and, under --fsdp, optimizer/ written s
 
 import errno
 import json
+import math
 import os
 import random
 import shutil
@@ -317,6 +318,34 @@ def log_row(step, stream, n_rows, counts, tries, bad_rows, update, skipped, lr):
     if update["updates"]:                            # means over the step's optimizer steps
         row.update({k: v / update["updates"] for k, v in update.items() if k != "updates"})
     return row
+
+
+# ---- the VGPO columns of the log ----: ψ, α, the gate and focus, summed over ranks
+
+def vgpo_stats(stats, mask, focus, ranks):
+    """ψ / α / gate summaries and early / late visual focus for the log, over all ranks.
+
+    Focus is rollout.focus_profile's, the definition eval.py uses too: each response's
+    mean focus over the first and the last third of its tokens, averaged over responses.
+    Called on every rank, with an empty rollout too (its sums are zero): the all-reduce
+    must run everywhere. When no rank kept a group there is nothing to report.
+    """
+    valid = mask.float()                                         # (N, T)
+    thirds = rollout.focus_profile(focus, mask)                  # (N, 3): early, middle, late
+    early, late = thirds[:, 0], thirds[:, 2]                     # (N,) each, nan if no such token
+    total = ranks.sum_named(dict(
+        psi=(stats["psi"] * valid).sum(), psi_sq=((stats["psi"] - 1) ** 2 * valid).sum(), tokens=valid.sum(),
+        alpha=stats["alpha"].sum(), alpha_sq=((stats["alpha"] - 1) ** 2).sum(), responses=len(stats["alpha"]),
+        early=early.nansum(), n_early=(~early.isnan()).sum(),
+        late=late.nansum(), n_late=(~late.isnan()).sum(),
+        gate=(stats["gate"].float() * valid).sum()))
+    if total["tokens"] == 0:
+        return {}
+    tokens, responses = total["tokens"], total["responses"]
+    return dict(psi_mean=total["psi"] / tokens, psi_std=math.sqrt(total["psi_sq"] / tokens),
+                alpha_mean=total["alpha"] / responses, alpha_std=math.sqrt(total["alpha_sq"] / responses),
+                focus_early=total["early"] / max(total["n_early"], 1),
+                focus_late=total["late"] / max(total["n_late"], 1), gate_frac=total["gate"] / tokens)
 
 
 def write_samples(args, processor, step, samples, stats, n=4):

@@ -385,9 +385,6 @@ def check_machine(args, ranks):
     if args.fsdp_offload and not gpu:
         raise SystemExit("--fsdp_offload moves the shards from GPU to CPU memory; without a GPU they are "
                          "in CPU memory already: drop the flag")
-    # each rank draws rollout_batch / world prompts (train.py): a remainder would be lost silently
-    if args.rollout_batch % ranks.world:
-        raise SystemExit(f"--rollout_batch {args.rollout_batch} is not divisible by {ranks.world} ranks")
     # the weights generate() reads (parallel.sampling_copy); resolved here, so that config.json
     # records "bfloat16" or "float32" and a resume on other hardware is caught by check_same_run
     if args.sample_dtype == "auto":

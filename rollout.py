@@ -196,6 +196,13 @@ class Rollout:
                    reward=torch.cat([p.reward for p in parts]),
                    group_ids=torch.cat([p.group_ids for p in parts]))
 
+    def first_groups(self, n):
+        """The first n rows (whole groups: n is a multiple of G), as a Rollout of their own."""
+        rows = torch.arange(n)
+        prompts, images_per_row = take_rows(self.prompts, self.images_per_row, rows)
+        return Rollout(prompts, images_per_row, self.responses[rows], self.mask[rows], self.reward[rows],
+                       self.group_ids[rows])
+
     def micro(self, rows, device):
         """Prompt batch, responses and mask of some rows, on `device`, trimmed to their
         longest response: a micro-batch of short answers never pays for a long one."""

@@ -643,7 +643,9 @@ def one_update(model_dir, groups, mini_batches, fsdp, world=1):
 
 # how the 4 groups are split between the 2 ranks: (rank 0, rank 1, mini-batches). With
 # 3 + 1 groups rank 1 runs the zero-loss probe twice; with 4 + 0 it holds no rollout at all.
-FSDP_SPLITS = [([0, 1, 2], [3], 1), ([0, 1, 2, 3], [], 2)]
+# With 0, 2, 3 + 1 in 2 mini-batches, each mini-batch is cut from both ranks' groups in stream
+# order ({0, 1} then {2, 3}), as on one process, not from each rank's own list.
+FSDP_SPLITS = [([0, 1, 2], [3], 1), ([0, 1, 2, 3], [], 2), ([0, 2, 3], [1], 2)]
 
 
 def fsdp_worker(model_dir, out):
@@ -1020,7 +1022,7 @@ def test_token_budget_packs_rows_in_order():
                            images_per_row=torch.zeros(4), responses=mask.long(), mask=mask.bool(),
                            reward=torch.zeros(4), group_ids=torch.arange(4))
     args = train.parse_args(["--task", "count", "--micro_tokens", "100"])
-    parts = train.micro_batches(roll, torch.arange(4), args)                 # lengths 30, 30, 60, 25
+    parts = models.micro_batches(roll, torch.arange(4), args)                 # lengths 30, 30, 60, 25
     assert [p.tolist() for p in parts] == [[0, 1], [2], [3]]
 
 
@@ -1111,7 +1113,11 @@ def test_a_rank_without_informative_groups_runs_the_same_collectives(tiny_model_
               "--max_tries", "2"] + FAST[:-2] + flags, timeout=240)
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["kept_groups"] == 4 and r["updates"] == 2 for r in rows)   # rank 0's 4 groups only
+    # pooled dynamic sampling: rank 0 alone fills the batch of 8 groups, in 2 rounds of 8 prompts,
+    # and every drawn prompt is sampled (none is drawn by a rank that is full and thrown away)
+    assert all(r["kept_groups"] == 8 and r["updates"] == 2 and r["tries"] == 2 for r in rows)
+    positions = [0] + [r["data_position"] for r in rows]
+    assert [r["sampled_groups"] for r in rows] == [b - a for a, b in zip(positions, positions[1:])] == [16, 16]
     assert all(math.isfinite(r["psi_mean"]) for r in rows)
 
 
@@ -1864,6 +1870,36 @@ def test_two_draws_of_one_row_in_a_step_are_two_groups(tiny_model, tmp_path, mon
     assert len(roll.reward) == 32 and len(ids) == 8 and (counts == 4).all()
 
 
+def test_a_later_sampling_round_draws_the_shortfall_over_the_keep_rate_split_over_ranks():
+    assert train.round_size(512, 0, 0, 512) == 512                       # the first round: the batch
+    assert train.round_size(212, 300, 512, 512) == math.ceil(212 * 512 / 300)   # 362
+    assert train.round_size(512, 0, 512, 512) == 1024                     # nothing kept: capped at 2x
+    parts = [train.my_part(10, parallel.Ranks(rank, 4)) for rank in range(4)]
+    assert parts == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert [train.my_part(3, parallel.Ranks(rank, 4)) for rank in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 3)]
+
+
+def test_dynamic_sampling_keeps_exactly_the_first_informative_groups_and_samples_every_drawn_prompt(
+        tiny_model, tmp_path, monkeypatch):
+    model, processor = tiny_model
+    # groups whose gold count is 1 or 2 get rewards 0, 1, 0, 1 (informative); 3 and 4 all 0
+    (tmp_path / "by_gold.py").write_text("def reward(texts, golds):\n"
+                                         "    return [float(g in ('1', '2') and k % 2) for k, g in "
+                                         "enumerate(golds)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tiny.CountingTask(40, 5)
+    args = train.parse_args(["--task", "count", "--rollout_batch", "6", "--mini_batch", "6",
+                             "--group_size", "4", "--max_tries", "8", "--reward", "by_gold:reward"])
+    stream = dataset.PromptStream(len(data), 5)
+    roll, counts = train.collect_rollouts(rollout.Policy(model), processor, data, stream, args,
+                                          parallel.Ranks(), dataset.BadRows("training data", args))
+    informative = [p for p, i in enumerate(dataset.PromptStream(len(data), 5).take(stream.position))
+                   if data[i]["answer"] in ("1", "2")]
+    assert roll.group_ids[::4].tolist() == informative[:6]               # the first 6, in stream order
+    assert counts["sampled_groups"] == stream.position                    # no prompt drawn and not sampled
+    assert counts["tries"] >= 2 and len(roll) == 24
+
+
 def test_training_moves_credit_with_vgpo_and_not_without(tiny_model_dir, tmp_path):
     # ψ and α come from the focus scores of the sampling forward: if those were lost, VGPO
     # would silently train as GRPO (ψ = α = 1)
@@ -2126,7 +2162,7 @@ def test_training_log_and_eval_share_one_definition_of_early_and_late_focus():
         assert (early is None and math.isnan(row[0])) or early == pytest.approx(row[0])
         assert (late is None and math.isnan(row[2])) or late == pytest.approx(row[2])
     stats = dict(psi=mask.float(), alpha=torch.ones(4), gate=mask)
-    logged = train.vgpo_stats(stats, mask, focus, parallel.Ranks())
+    logged = checkpoints.vgpo_stats(stats, mask, focus, parallel.Ranks())
     assert logged["focus_early"] == pytest.approx(statistics.mean(e for e, _ in per_response
                                                                   if e is not None))
     assert logged["focus_late"] == pytest.approx(statistics.mean(l for _, l in per_response

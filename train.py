@@ -22,9 +22,10 @@ FSDP2), models.py (loading, memory plan), dataset.py (rows and their checks), ch
 (checkpoints, resume, the log), tiny.py (the embedded model and tasks).
 
 How one step differs from textbook GRPO, in order:
- 1. Rollout: each rank samples n responses for its share of prompts; groups whose
-    responses are all right or all wrong are dropped and more prompts are sampled, up to
-    --max_tries times (DAPO dynamic sampling). Over-long prompts are dropped, never cut.
+ 1. Rollout: the ranks sample n responses for each prompt of a round, split between them;
+    groups whose responses are all right or all wrong are dropped, and the next round
+    samples only the shortfall, up to --max_tries rounds (DAPO dynamic sampling, pooled
+    over ranks). Over-long prompts are dropped, never cut.
  2. One no-grad forward of the sampling policy gives the old log-probs AND the last-layer
     states, from which vgpo.visual_focus scores every response token.
  3. Advantages: vgpo.vgpo_advantages re-weights each response's GRPO advantage token by
@@ -128,61 +129,91 @@ COUNTED = ("long_prompts", "sampled_groups", "zero_std_groups", "reward_sum", "l
            "responses")
 
 
+def sample_groups(policy, processor, data, indices, first_group, args, ranks, bad_rows, counts):
+    """One round on this rank: G responses for each prompt of `indices`, rewarded, and the
+    informative groups kept, in stream order. Adds this round's COUNTED to `counts`."""
+    # bad rows are skipped and counted (or stop the run) by the ledger (dataset.py)
+    examples = dataset.fetch_examples(data, indices, bad_rows, first_group, need_image=args.fsdp)
+    batch, images_per_row, examples, n_long = encode_examples(processor, examples, args) if examples \
+        else (None, None, [], 0)
+    counts["long_prompts"] += n_long
+    if not examples:
+        return rollout.Rollout.empty()
+    rows = torch.arange(len(examples)).repeat_interleave(args.group_size)   # (n,): G rows per prompt
+    responses, masks, truncated = sample(policy, processor, batch, images_per_row, rows, args,
+                                         ranks.device)                    # (n, T) each
+    texts = processor.batch_decode(torch.where(masks, responses, processor.tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    # the verifiable reward: 1 if the last \boxed{} equals the gold answer, else 0 (no format term)
+    reward = torch.tensor(rewards(texts, [examples[r]["answer"] for r in rows.tolist()], args))  # (n,)
+    group_ids = torch.tensor([examples[r]["group"] for r in rows.tolist()])                     # (n,)
+    # DAPO's online filter: a group whose rewards are all equal has zero advantage everywhere
+    # and would only dilute the token mean; drop it and sample more prompts instead
+    keep = rollout.informative_groups(reward, group_ids)                                       # (n,)
+    counts["sampled_groups"] += len(examples)
+    counts["zero_std_groups"] += len(examples) - int(keep.sum()) // args.group_size
+    counts["reward_sum"] += float(reward.sum())
+    counts["len_sum"] += float(masks.sum())
+    counts["truncated"] += int(truncated.sum())
+    counts["responses"] += len(rows)
+    if not keep.any():
+        return rollout.Rollout.empty()
+    prompts, row_images = rollout.take_rows(batch, images_per_row, rows[keep])
+    return rollout.Rollout(prompts, row_images, responses[keep], masks[keep], reward[keep], group_ids[keep])
+
+
+def round_size(need, kept, drawn, rollout_batch):
+    """Prompts the next round of dynamic sampling draws, all ranks together: the first round
+    draws --rollout_batch, a later one the shortfall over the keep rate seen so far in
+    this step, at most twice --rollout_batch (a step that keeps nothing does not explode).
+    Example: 512 wanted, 300 kept of 512 drawn -> ceil(212 * 512 / 300) = 362 prompts."""
+    if drawn == 0:
+        return need
+    return min(math.ceil(need * drawn / max(kept, 1)), 2 * rollout_batch)
+
+
+def my_part(n, ranks):
+    """This rank's contiguous slice of a round's n prompts: sizes differ by at most one.
+    Example: n = 10 on 4 ranks -> [0, 3), [3, 6), [6, 8), [8, 10)."""
+    base, extra = divmod(n, ranks.world)
+    start = ranks.rank * base + min(ranks.rank, extra)
+    return start, start + base + int(ranks.rank < extra)
+
+
 def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows):
-    """DAPO dynamic sampling on this rank: sample groups until this rank holds its share
-    of informative groups (or --max_tries rounds have run). Every rank runs the same
-    number of rounds and draws from the shared stream, so no prompt is used twice.
-    Returns the kept groups as one Rollout, and the counts of COUNTED (plus "tries").
+    """DAPO dynamic sampling, pooled over ranks: rounds of sampling until ALL ranks
+    together hold --rollout_batch informative groups (or --max_tries rounds have run).
+
+    Each round draws round_size() prompts from the shared stream, split over the ranks;
+    every drawn prompt is sampled. Of the informative groups found, the first ones in
+    stream order fill the shortfall, so the step keeps exactly --rollout_batch groups,
+    the same ones on any number of ranks, and ranks may hold unequal numbers of them.
+    Returns this rank's kept groups as one Rollout, and the counts of COUNTED (plus "tries").
     """
-    # This rank's part of the batch: whole groups only, so that every group's advantage
-    # (Step 0) and VGPO's group-wise min-max (Steps 1, 5) need no communication.
-    share = args.rollout_batch // ranks.world
-    kept, n_kept, tries, counts = [], 0, 0, dict.fromkeys(COUNTED, 0.0)
-    while tries < args.max_tries:
+    kept, counts = [], dict.fromkeys(COUNTED, 0.0)
+    n_kept, drawn, tries = 0, 0, 0                       # all ranks together: the same on every rank
+    while n_kept < args.rollout_batch and tries < args.max_tries:
         tries += 1
-        # Lock-step: every rank runs as many rounds as the rank that needs the most, because
-        # each round draws from the shared stream (and generate() under FSDP is collective-free
-        # only because the weights were gathered before). SUM > 0: some rank still needs groups.
-        if ranks.reduce(torch.tensor([float(n_kept < share)])).item() == 0:
-            break
-        # a group's id is its prompt's position in the stream: unique across epochs and ranks
-        first_group = stream.position + ranks.rank * share
-        indices = stream.take(share * ranks.world)[ranks.rank * share:(ranks.rank + 1) * share]
-        if n_kept >= share:
-            continue                                    # full: keep stepping with the others
-        # bad rows are skipped and counted (or stop the run) by the ledger (dataset.py)
-        examples = dataset.fetch_examples(data, indices, bad_rows, first_group, need_image=args.fsdp)
-        batch, images_per_row, examples, n_long = encode_examples(processor, examples, args) if examples \
-            else (None, None, [], 0)
-        counts["long_prompts"] += n_long
-        if not examples:
-            continue
-        rows = torch.arange(len(examples)).repeat_interleave(args.group_size)   # (n,): G rows per prompt
-        responses, masks, truncated = sample(policy, processor, batch, images_per_row, rows, args,
-                                             ranks.device)                    # (n, T) each
-        texts = processor.batch_decode(torch.where(masks, responses, processor.tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
-        # the verifiable reward: 1 if the last \boxed{} equals the gold answer, else 0 (no format term)
-        reward = torch.tensor(rewards(texts, [examples[r]["answer"] for r in rows.tolist()], args))  # (n,)
-        group_ids = torch.tensor([examples[r]["group"] for r in rows.tolist()])                     # (n,)
-        # DAPO's online filter: a group whose rewards are all equal has zero advantage everywhere
-        # and would only dilute the token mean; drop it and sample more prompts instead
-        keep = rollout.informative_groups(reward, group_ids)                                       # (n,)
-        counts["sampled_groups"] += len(examples)
-        counts["zero_std_groups"] += len(examples) - int(keep.sum()) // args.group_size
-        counts["reward_sum"] += float(reward.sum())
-        counts["len_sum"] += float(masks.sum())
-        counts["truncated"] += int(truncated.sum())
-        counts["responses"] += len(rows)
-        # keep whole informative groups, up to this rank's share; rows come G at a time, so
-        # the first row of each group speaks for the group
-        keep_prompts = keep.view(-1, args.group_size)[:, 0].nonzero().flatten()[:share - n_kept]
-        keep_rows = (keep_prompts.unsqueeze(1) * args.group_size + torch.arange(args.group_size)).flatten()
-        if len(keep_rows):
-            prompts, row_images = rollout.take_rows(batch, images_per_row, rows[keep_rows])
-            kept.append(rollout.Rollout(prompts, row_images, responses[keep_rows], masks[keep_rows],
-                                        reward[keep_rows], group_ids[keep_rows]))
-        n_kept += len(keep_prompts)
+        need = args.rollout_batch - n_kept
+        n = round_size(need, n_kept, drawn, args.rollout_batch)
+        # every rank takes the same n from the shared stream and samples its own slice; a
+        # group's id is its prompt's position in the stream: unique across epochs and ranks
+        first, indices = stream.position, stream.take(n)
+        start, end = my_part(n, ranks)
+        found = sample_groups(policy, processor, data, indices[start:end], first + start, args, ranks,
+                              bad_rows, counts)
+        # every rank's informative groups this round, in rank order (= stream order): [3, 5] on 2 ranks
+        mine = len(found) // args.group_size
+        per_rank = torch.zeros(ranks.world)
+        per_rank[ranks.rank] = mine
+        ranks.reduce(per_rank)
+        # the shortfall is filled by the first groups in stream order; later ones are dropped
+        before = int(per_rank[:ranks.rank].sum())
+        take = max(0, min(mine, need - before))
+        if take:
+            kept.append(found.first_groups(take * args.group_size))
+        n_kept += min(int(per_rank.sum()), need)
+        drawn += n
     counts["tries"] = tries
     return rollout.Rollout.concat(kept, processor.tokenizer.pad_token_id), counts
 
@@ -196,7 +227,7 @@ def score_rollouts(policy, samples, args, device, focus=True):
     # comes from the policy that wrote the responses, not from one half-way through an update.
     logp = torch.zeros(samples.mask.shape)                                      # (N, T)
     scores = torch.zeros(samples.mask.shape)                                    # (N, T)
-    for rows in micro_batches(samples, torch.arange(len(samples)), args):
+    for rows in models.micro_batches(samples, torch.arange(len(samples)), args):
         prompts, responses, mask, width = samples.micro(rows, device)
         with rollout.autocast(device):
             lp, f = policy.score(prompts, responses, mask, temperature=args.temperature, focus=focus,
@@ -245,29 +276,22 @@ def token_advantages(samples, focus, switches, shuffle_focus=False):
 # -----------------------------------------------------------------------------
 # ---- update ----
 
-def micro_batches(samples, rows, args):
-    """Split rows into micro-batches: --micro_batch rows each, or, with --micro_tokens,
-    as many rows as fit in that many padded tokens (prompt + response), in order.
-
-    Example (micro_tokens 100): rows of 30, 30, 60 tokens -> [r0, r1] (2 x 30), [r2].
-    Memory follows the padded size of a micro-batch, so a token budget packs many short
-    responses together and keeps long ones alone. Gradients do not depend on the split.
-    """
-    if len(rows) == 0:
-        return []
-    if not args.micro_tokens:
-        return list(rows.split(args.micro_batch))
-    # each row's padded cost: its prompt plus its response, in tokens
-    lengths = (samples.prompts["attention_mask"].sum(1) + samples.mask.sum(1))[rows].tolist()
-    out, current, longest = [], [], 0
-    for r, n in zip(rows.tolist(), lengths):
-        # a micro-batch costs its row count times its longest row (everything is padded to it)
-        if current and (len(current) + 1) * max(longest, n) > args.micro_tokens:
-            out.append(torch.tensor(current))
-            current, longest = [], 0
-        current.append(r)
-        longest = max(longest, n)
-    return out + ([torch.tensor(current)] if current else [])
+def mini_batch_rows(samples, args, ranks):
+    """This rank's rows of each of the rollout_batch / mini_batch mini-batches. They are cut
+    from ALL ranks' kept groups in stream order, so a mini-batch holds the same groups on
+    any number of ranks, although ranks hold unequal numbers of them (collect_rollouts).
+    Example: mini-batches of 2 groups, rank 0 holds groups [3, 7, 9] and rank 1 [5]: the
+    order 3 5 7 9 gives {3, 5} and {7, 9}, so rank 0 updates [3] then [7, 9], rank 1 [5] then []."""
+    ids = samples.group_ids[::args.group_size].tolist()                # one id per group of this rank
+    place = {g: k for k, g in enumerate(sorted(ranks.gather_lists(ids)))}   # a group's place in the step
+    group_rows = torch.arange(len(samples)).view(-1, args.group_size)     # (groups, G)
+    out = []
+    # a group's responses are always updated together
+    for part in torch.tensor_split(torch.arange(len(place)), args.rollout_batch // args.mini_batch):
+        chosen = set(part.tolist())
+        mine = [k for k, g in enumerate(ids) if place[g] in chosen]
+        out.append(group_rows[mine].flatten())
+    return out
 
 
 # what update_policy logs, each a sum over micro-batches and ranks of a token mean
@@ -310,13 +334,10 @@ def update_policy(policy, optimizer, params, samples, args, ranks, probe=None):
     (optimizer steps) and "skipped" (of those, skipped for a non-finite gradient).
     """
     policy.train()
-    # Mini-batches split by whole groups: a group's responses are always updated together.
-    group_rows = torch.arange(len(samples)).view(-1, args.group_size)     # (groups, G)
     totals = dict.fromkeys(LOGGED, 0.0)              # summed over optimizer steps, then over ranks
     n_updates, skipped = 0, 0
     for _ in range(args.ppo_epochs):
-        for mini in torch.tensor_split(group_rows, args.rollout_batch // args.mini_batch):
-            rows = mini.flatten()
+        for rows in mini_batch_rows(samples, args, ranks):
             # DAPO's token mean over the GLOBAL mini-batch: each micro-batch's loss is divided by
             # the count of every valid token on every rank, so that summing gradients over
             # micro-batches and ranks (never averaging) gives exactly the gradient of that mean,
@@ -326,7 +347,7 @@ def update_policy(policy, optimizer, params, samples, args, ranks, probe=None):
                 continue
             num_tokens = num_tokens.to(ranks.device)
             # micro-batches bound memory only; the gradient does not depend on them (tested)
-            micros = micro_batches(samples, rows, args)
+            micros = models.micro_batches(samples, rows, args)
             local = dict.fromkeys(LOGGED[:-1], 0.0)  # this rank's sums over its micro-batches
             # every rank runs as many micro-batches as the busiest one (FSDP's collectives)
             with parallel.as_many_passes_as_the_busiest_rank(policy, probe, len(micros), ranks,
@@ -413,35 +434,6 @@ def validate(policy, processor, data, args, ranks):
         out.update(tiny.chain_metrics(total, total["total"]))
         out["val_blank_prior_acc"] = tiny.prior_probability(blank_answer, args.copy_prior)
     return out
-
-
-# -----------------------------------------------------------------------------
-# ---- log ----: VGPO's weights summed over ranks (the row itself: checkpoints.log_row)
-
-def vgpo_stats(stats, mask, focus, ranks):
-    """ψ / α / gate summaries and early / late visual focus for the log, over all ranks.
-
-    Focus is rollout.focus_profile's, the definition eval.py uses too: each response's
-    mean focus over the first and the last third of its tokens, averaged over responses.
-    Called on every rank, with an empty rollout too (its sums are zero): the all-reduce
-    must run everywhere. When no rank kept a group there is nothing to report.
-    """
-    valid = mask.float()                                         # (N, T)
-    thirds = rollout.focus_profile(focus, mask)                  # (N, 3): early, middle, late
-    early, late = thirds[:, 0], thirds[:, 2]                     # (N,) each, nan if no such token
-    total = ranks.sum_named(dict(
-        psi=(stats["psi"] * valid).sum(), psi_sq=((stats["psi"] - 1) ** 2 * valid).sum(), tokens=valid.sum(),
-        alpha=stats["alpha"].sum(), alpha_sq=((stats["alpha"] - 1) ** 2).sum(), responses=len(stats["alpha"]),
-        early=early.nansum(), n_early=(~early.isnan()).sum(),
-        late=late.nansum(), n_late=(~late.isnan()).sum(),
-        gate=(stats["gate"].float() * valid).sum()))
-    if total["tokens"] == 0:
-        return {}
-    tokens, responses = total["tokens"], total["responses"]
-    return dict(psi_mean=total["psi"] / tokens, psi_std=math.sqrt(total["psi_sq"] / tokens),
-                alpha_mean=total["alpha"] / responses, alpha_std=math.sqrt(total["alpha_sq"] / responses),
-                focus_early=total["early"] / max(total["n_early"], 1),
-                focus_late=total["late"] / max(total["n_late"], 1), gate_frac=total["gate"] / tokens)
 
 
 # -----------------------------------------------------------------------------
@@ -614,7 +606,7 @@ def train(args, run, stop):
         # this step's bad rows; stops the run when the data is unusable (dataset.BadRows)
         bad = run.bad_rows.end_step(ranks, stream.position - first_position, counts, args.max_prompt_len)
         row = checkpoints.log_row(step, stream, len(run.train_data), counts, tries, bad, update, skipped, lr)
-        row.update(vgpo_stats(stats, samples.mask, focus, ranks))
+        row.update(checkpoints.vgpo_stats(stats, samples.mask, focus, ranks))
         if step == 1:
             row.update({f"start_{k}": v for k, v in start.items()})     # step 0's validation
         last = run.finished(step, args)
