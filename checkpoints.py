@@ -25,6 +25,7 @@ import zipfile
 import torch
 import torch.distributed as dist
 
+import parallel
 import rollout
 from models import GiB, safetensors_problem
 
@@ -125,6 +126,7 @@ def save_checkpoint(policy, processor, optimizer, step, stream, args, last_metri
     part, to optimizer/ (torch.distributed.checkpoint; it can be resumed on any number
     of ranks). All ranks must see the same --out_dir (a shared filesystem on 2+ nodes).
     """
+    parallel.entering(f"checkpoint of step {step}")
     master = ranks.master
     root = checkpoint_dir(args.out_dir)
     name = f"step_{step:06d}"

@@ -53,6 +53,9 @@ PRESETS = {
         # the whole validation set (val_size -1); val_focus off: it costs one more forward
         # over every validation answer of up to 2048 tokens
         val_every=5, save_every=10, val_size=-1, val_max_new_tokens=2048, val_focus=False,
+        # a 7B checkpoint is about 100 GB with its AdamW state: the last 2 (the newest is the
+        # final one at the end), not 0.5 TB over a run
+        keep_last=2,
     ),
 }
 
@@ -289,8 +292,13 @@ def build_parser(description=""):
                    help="KL estimator (low_var_kl = k3)")
     g.add_argument("--clip_dual", type=float, default=3.0,
                    help="c, dual-clip bound for negative advantages (paper: 3.0)")
+    # a step's longest wait at one collective: a sampling round on another rank, or rank 0 writing
+    # a checkpoint; torch's default is 30 minutes
+    g.add_argument("--dist_timeout", type=float, default=90.0,
+                   help="minutes a collective waits for the slowest rank before the run stops, naming the "
+                        "phase it waited in")
     g.add_argument("--keep_last", type=int, default=0,
-                   help="keep only the N newest checkpoints (0 = keep all)")
+                   help="keep only the N newest checkpoints (0 = keep all; paper7b: 2)")
     return p
 
 
@@ -330,6 +338,8 @@ def parse_args(argv=None, description=""):
     for name in ("rollout_batch", "mini_batch", "micro_batch", "max_new_tokens", "max_tries", "gen_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    if not args.dist_timeout > 0:
+        parser.error(f"--dist_timeout {args.dist_timeout}: give the minutes a collective may wait, > 0")
     if not 0 <= args.copy_prior <= 1:
         parser.error(f"--copy_prior {args.copy_prior} is a probability: give a value in [0, 1]")
     if args.copy_prior and args.task != "colour":

@@ -3,6 +3,7 @@ Processes and collectives: what lets train.py run on many ranks. Skip it on a fi
 
     Ranks                  this process's rank, the world, its device, and the sums over ranks
     start_ranks / stop     torchrun's process group ("cpu:gloo,cuda:nccl" on GPUs)
+    entering / timed_out   the phase a rank is in, named when a collective times out
     sum_gradients          the data-parallel gradient all-reduce (a no-op under FSDP)
     shard / full_weights   FSDP2 (--fsdp): one unit per decoder layer and vision block, and
                            the full weights gathered once around sampling and scoring
@@ -17,7 +18,9 @@ are SUMMED over ranks, never averaged.
 
 import contextlib
 import copy
+import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -86,21 +89,50 @@ class Ranks:
         return [x for part in parts for x in part]
 
 
-def start_ranks():
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python train.py` is a world of one."""
+def start_ranks(timeout_min=90.0):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python train.py` is a world of one.
+    timeout_min (--dist_timeout): how long a collective waits for the slowest rank."""
     if "RANK" not in os.environ:
         return Ranks(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])          # this process's GPU on its own node
+    PHASE["timeout_min"] = timeout_min
+    # torch's default is 30 minutes, which a rank waiting at a round's end for another rank's
+    # sampling, or for rank 0 writing a 7B checkpoint, can approach
+    timeout = datetime.timedelta(minutes=timeout_min)
     if torch.cuda.is_available():
         # set before the group exists, so that NCCL's communicator is built on this GPU
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         # device_id binds the group to the GPU at once instead of at the first collective
-        dist.init_process_group(process_group_backend(cuda=True), device_id=device)
+        dist.init_process_group(process_group_backend(cuda=True), device_id=device, timeout=timeout)
         return Ranks(rank, world, device)
-    dist.init_process_group(process_group_backend(cuda=False))
+    dist.init_process_group(process_group_backend(cuda=False), timeout=timeout)
     return Ranks(rank, world, torch.device("cpu"))
+
+
+# what this rank is doing now, named when a collective times out: a rank that waits is
+# never the one that is slow, so the message says where it waited and for how long
+PHASE = dict(name="start-up", since=time.time(), timeout_min=90.0)
+
+
+def entering(name):
+    """Mark the start of a phase of the step ("rollout, round 2", "update", "checkpoint")."""
+    PHASE.update(name=name, since=time.time())
+
+
+def timed_out(error):
+    """The message for a collective that timed out, naming the phase; None for other errors.
+    Gloo raises RuntimeError("... Timed out waiting 5400000ms for recv ..."); NCCL's DistError
+    says "timeout" or "Watchdog caught collective operation timeout"."""
+    text = str(error).lower()
+    if not dist.is_initialized() or ("timed out" not in text and "timeout" not in text):
+        return None
+    minutes = (time.time() - PHASE["since"]) / 60
+    return (f"rank {dist.get_rank()}: a collective timed out after --dist_timeout {PHASE['timeout_min']:g} "
+            f"min, in the phase '{PHASE['name']}' (begun {minutes:.1f} min before). Another rank is slower "
+            f"there or has stopped: read its log first. If the phase is only long (a 7B checkpoint, a long "
+            f"sampling round), raise --dist_timeout and continue with --resume.")
 
 
 def stop_ranks():

@@ -1582,6 +1582,47 @@ def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank(tiny_model_dir, t
     assert rows[-1]["replica_divergence"] == 0.0  # both ranks reached the same step and weights
 
 
+def test_keep_last_keeps_the_newest_checkpoints_and_the_paper_preset_keeps_two(tiny_model_dir, tmp_path):
+    assert train.parse_args(["--preset", "paper7b"]).keep_last == 2
+    assert train.parse_args(["--preset", "paper7b", "--keep_last", "0"]).keep_last == 0    # the flag wins
+    out = str(tmp_path / "run")
+    train.main(["--model", tiny_model_dir, "--out_dir", out, "--max_steps", "3", "--keep_last", "2"]
+               + FAST[:-6] + ["--val_every", "0", "--save_every", "1"])
+    root = os.path.join(out, "checkpoints")
+    assert sorted(d for d in os.listdir(root) if d.startswith("step_")) == ["step_000002", "step_000003"]
+    assert open(os.path.join(root, "latest")).read() == "step_000003"
+
+
+def _slow_rank_script(tmp_path):
+    """train.py under torchrun, where rank 1 samples 20 s late in the first round."""
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "import train\n"
+        "fast = train.sample\n"
+        "def slow(*args, **kwargs):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        time.sleep(20)\n"
+        "    return fast(*args, **kwargs)\n"
+        "train.sample = slow\n"
+        "train.cli(sys.argv[1:])\n")
+    return str(script)
+
+
+def test_a_collective_that_times_out_stops_the_run_naming_the_phase_it_waited_in(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dist_timeout", "0"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29529",
+           _slow_rank_script(tmp_path), "--model", tiny_model_dir, "--out_dir", str(tmp_path / "run"),
+           "--max_steps", "1", "--val_every", "0", "--dist_timeout", "0.1"] + FAST[:6]
+    result = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert result.returncode != 0
+    assert "rank 0: a collective timed out after --dist_timeout 0.1 min, in the phase 'rollout, sampling " \
+           "round 1'" in result.stderr, result.stderr[-3000:]
+
+
 def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     flags = ["--model", tiny_model_dir, "--out_dir", out] + FAST

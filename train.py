@@ -194,6 +194,7 @@ def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows):
     n_kept, drawn, tries = 0, 0, 0                       # all ranks together: the same on every rank
     while n_kept < args.rollout_batch and tries < args.max_tries:
         tries += 1
+        parallel.entering(f"rollout, sampling round {tries}")      # named if a collective times out
         need = args.rollout_batch - n_kept
         n = round_size(need, n_kept, drawn, args.rollout_batch)
         # every rank takes the same n from the shared stream and samples its own slice; a
@@ -221,6 +222,7 @@ def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows):
 @torch.no_grad()
 def score_rollouts(policy, samples, args, device, focus=True):
     """The no-grad forward of step 2: old log-probs and visual focus for every row."""
+    parallel.entering("scoring")
     policy.eval()
     # Step 2's no-grad forward of the sampling policy (the PPO 'old' policy): its log-probs
     # are the ratio's denominator, and its last-layer states give the focus scores, so focus
@@ -333,6 +335,7 @@ def update_policy(policy, optimizer, params, samples, args, ranks, probe=None):
     Returns {name: sum over the optimizer steps} for the LOGGED metrics, plus "updates"
     (optimizer steps) and "skipped" (of those, skipped for a non-finite gradient).
     """
+    parallel.entering("update")
     policy.train()
     totals = dict.fromkeys(LOGGED, 0.0)              # summed over optimizer steps, then over ranks
     n_updates, skipped = 0, 0
@@ -385,6 +388,7 @@ def validate(policy, processor, data, args, ranks):
     On the colour task also where the chain goes wrong (tiny.chain_sums): accuracy and
     focus at each step, the share of late errors that copy the step before, and accuracy
     on blank images of prior prompts (see below for what it does and does not tell)."""
+    parallel.entering("validation")
     policy.eval()
     chain = args.task == "colour" and args.val_data == "synthetic"
     # every rank answers every world-th example; the sums are reduced over ranks at the end
@@ -472,7 +476,7 @@ class Run:
 def set_up(args):
     """Processes, the policy, the optimizer, the data (checked), and where a resumed run
     continues. None when a resumed run has nothing left to do."""
-    ranks = parallel.start_ranks()
+    ranks = parallel.start_ranks(args.dist_timeout)
     config.check_machine(args, ranks)                # flags that depend on the machine and the ranks
     torch.manual_seed(args.seed)                     # the same on every rank: any random init agrees
     # a new run, or the newest complete checkpoint of this one (refused if its flags differ)
@@ -635,8 +639,17 @@ def train(args, run, stop):
         checkpoints.say_done(args, step, row, stopping and not run.finished(step, args), stop)
 
 
-if __name__ == "__main__":
+def cli(argv):
+    """The command line: main(), with the errors a user can fix said in one line, no traceback."""
     try:
-        main(sys.argv[1:])
+        main(argv)
     except dataset.BadRowError as e:                 # the message names the file, the row and the fix
         sys.exit(f"error: {e}")
+    except RuntimeError as e:                        # a collective that timed out names its phase
+        if parallel.timed_out(e) is None:
+            raise
+        sys.exit(f"error: {parallel.timed_out(e)}")
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
