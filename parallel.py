@@ -89,6 +89,14 @@ class Ranks:
         return [x for part in parts for x in part]
 
 
+def my_part(n, ranks):
+    """This rank's contiguous slice of a round's n prompts: sizes differ by at most one.
+    Example: n = 10 on 4 ranks -> [0, 3), [3, 6), [6, 8), [8, 10)."""
+    base, extra = divmod(n, ranks.world)
+    start = ranks.rank * base + min(ranks.rank, extra)
+    return start, start + base + int(ranks.rank < extra)
+
+
 def start_ranks(timeout_min=90.0):
     """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python train.py` is a world of one.
     timeout_min (--dist_timeout): how long a collective waits for the slowest rank."""

@@ -1915,9 +1915,9 @@ def test_a_later_sampling_round_draws_the_shortfall_over_the_keep_rate_split_ove
     assert train.round_size(512, 0, 0, 512) == 512                       # the first round: the batch
     assert train.round_size(212, 300, 512, 512) == math.ceil(212 * 512 / 300)   # 362
     assert train.round_size(512, 0, 512, 512) == 1024                     # nothing kept: capped at 2x
-    parts = [train.my_part(10, parallel.Ranks(rank, 4)) for rank in range(4)]
+    parts = [parallel.my_part(10, parallel.Ranks(rank, 4)) for rank in range(4)]
     assert parts == [(0, 3), (3, 6), (6, 8), (8, 10)]
-    assert [train.my_part(3, parallel.Ranks(rank, 4)) for rank in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 3)]
+    assert [parallel.my_part(3, parallel.Ranks(rank, 4)) for rank in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 3)]
 
 
 def test_dynamic_sampling_keeps_exactly_the_first_informative_groups_and_samples_every_drawn_prompt(

@@ -172,14 +172,6 @@ def round_size(need, kept, drawn, rollout_batch):
     return min(math.ceil(need * drawn / max(kept, 1)), 2 * rollout_batch)
 
 
-def my_part(n, ranks):
-    """This rank's contiguous slice of a round's n prompts: sizes differ by at most one.
-    Example: n = 10 on 4 ranks -> [0, 3), [3, 6), [6, 8), [8, 10)."""
-    base, extra = divmod(n, ranks.world)
-    start = ranks.rank * base + min(ranks.rank, extra)
-    return start, start + base + int(ranks.rank < extra)
-
-
 def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows):
     """DAPO dynamic sampling, pooled over ranks: rounds of sampling until ALL ranks
     together hold --rollout_batch informative groups (or --max_tries rounds have run).
@@ -200,7 +192,7 @@ def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows):
         # every rank takes the same n from the shared stream and samples its own slice; a
         # group's id is its prompt's position in the stream: unique across epochs and ranks
         first, indices = stream.position, stream.take(n)
-        start, end = my_part(n, ranks)
+        start, end = parallel.my_part(n, ranks)
         found = sample_groups(policy, processor, data, indices[start:end], first + start, args, ranks,
                               bad_rows, counts)
         # every rank's informative groups this round, in rank order (= stream order): [3, 5] on 2 ranks
