@@ -9,6 +9,7 @@ run must share with its checkpoint (check_same_run).
 """
 
 import argparse
+import math
 import os
 
 import rollout
@@ -46,9 +47,11 @@ PRESETS = {
         lr=1e-6, weight_decay=1e-2, grad_clip=1.0, kl_coef=0.0,
         # VGPO: β, κ, γ as published; every switch on (the defaults)
         beta=0.3, kappa=0.2, gamma=0.5,
-        # memory: 32 sequences a generate() call and 4 a forward fit 80 GB at the longest
-        # prompt and response (the plan printed at start-up; models.memory_plan)
-        micro_batch=4, gen_batch=32, val_batch=32,
+        # memory: 4 sequences a forward fit 80 GB at the longest prompt and response; the
+        # rows of each generate() call come from the memory plan at the prompts' actual
+        # lengths (printed at start-up; models.GenerationBudget), at most a rank's whole
+        # round, 64 prompts x 8, and 256 prompts a validation call
+        micro_batch=4, gen_batch=512, val_batch=256,
         gradient_checkpointing=True, freeze_vision=False, fsdp=True,
         # the whole validation set (val_size -1); val_focus off: it costs one more forward
         # over every validation answer of up to 2048 tokens
@@ -140,7 +143,8 @@ def build_parser(description=""):
     g.add_argument("--val_split", default="test", help="split of --val_data")
     g.add_argument("--val_size", type=int, default=200, help="validation examples (-1 = the whole set)")
     g.add_argument("--val_batch", type=int, default=100,
-                   help="prompts per greedy generate() call in validation")
+                   help="at most this many prompts per greedy generate() call in validation (on a GPU, "
+                        "fewer when the memory plan says so)")
     g.add_argument("--val_max_new_tokens", type=int, default=16,
                    help="longest validation response (paper: 2048)")
     g.add_argument("--val_focus", action=argparse.BooleanOptionalAction, default=True,
@@ -190,7 +194,9 @@ def build_parser(description=""):
                    help="DAPO dynamic sampling: rounds of sampling to fill the batch with informative groups")
     # tiny: 32 prompts x G = 8 = 256 sequences, a whole sampling round in one call on one rank
     g.add_argument("--gen_batch", type=int, default=512,
-                   help="sequences per generate() call: sets the KV cache (see the memory plan; paper7b: 32)")
+                   help="at most this many sequences per generate() call; on a GPU the memory plan sizes "
+                        "each call from its prompts' lengths and --max_new_tokens (the start-up plan shows "
+                        "the rows it chose)")
 
     g = p.add_argument_group("VGPO (paper defaults)")
     # one switch for the DAPO baseline; resolved in parse_args, so it wins over a preset
@@ -402,3 +408,20 @@ def check_machine(args, ranks):
     elif args.fsdp and args.sample_dtype != ("bfloat16" if gpu else "float32"):
         raise SystemExit(f"--sample_dtype {args.sample_dtype}: under --fsdp the gathered weights are bf16 on "
                          f"a GPU and fp32 on a CPU (FSDP's mixed precision); drop the flag")
+
+
+# the learning rate of a step, from --lr, --warmup_steps and --lr_schedule
+def lr_at(step, total_steps, args):
+    """The learning rate of training step `step` (0-based): --warmup_steps of linear
+    warm-up, then constant (the paper) or a linear / cosine decay towards 0 at `total_steps`.
+    A function of the step alone, so a resumed run gets exactly the same rates.
+    Example: lr 1e-6, warm-up 2, cosine over 6 steps -> 5e-7, 1e-6, 1e-6, 8.5e-7, 5e-7, 1.5e-7.
+    """
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = min(1.0, (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps))
+    if args.lr_schedule == "linear":
+        return args.lr * (1 - progress)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))

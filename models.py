@@ -260,19 +260,66 @@ def speed_up_vision(model, attn):
 GiB = 2**30
 
 
-def memory_plan(config, n_params, n_trainable, args, world):
+class GenerationBudget:
+    """How many sequences one generate() call may hold, from the memory the plan leaves for
+    generation (`room` bytes; None on a CPU, where only --gen_batch bounds a call).
+
+    One row of a call costs its KV cache, (prompt + new tokens) x kv bytes a token, plus its
+    share of prefill's transient, prompt tokens x prefill bytes a token. Rows of a call are
+    padded to its longest prompt, so rows are packed shortest prompt first.
+    Example (Qwen2.5-VL-7B, paper7b on 8 x 80 GB): about 49 GiB of room, 56 KiB + 181 KiB a
+    prompt token and 56 KiB a new token: 140 rows a call at 1,000-token prompts, 41 at 4,096.
+    """
+
+    def __init__(self, room, kv_per_token, prefill_per_token, cap):
+        self.room, self.kv, self.prefill, self.cap = room, kv_per_token, prefill_per_token, cap
+
+    def row_bytes(self, prompt_len, new_tokens):
+        return self.kv * (prompt_len + new_tokens) + self.prefill * prompt_len
+
+    def rows(self, prompt_len, new_tokens, cap=None):
+        """Rows a call may hold when its longest prompt has prompt_len tokens (at most cap,
+        --gen_batch unless given: validation's is --val_batch)."""
+        cap = cap or self.cap
+        if self.room is None:
+            return cap
+        return max(0, min(cap, int(self.room // self.row_bytes(prompt_len, new_tokens))))
+
+    def calls(self, prompt_lens, new_tokens):
+        """Rows (indices into prompt_lens) of each generate() call: in their own order when
+        one call holds them all, else shortest prompt first, each call as full as fits.
+        Example (cap 2, room unbounded): lengths [9, 3, 5] -> [[1, 2], [0]]."""
+        lens = torch.as_tensor(prompt_lens)
+        if len(lens) == 0:
+            return []
+        if len(lens) <= self.rows(int(lens.max()), new_tokens):
+            return [torch.arange(len(lens))]
+        out, current = [], []
+        for r in lens.argsort(stable=True).tolist():    # ascending: the newest row is the longest
+            if current and len(current) + 1 > self.rows(int(lens[r]), new_tokens):
+                out.append(torch.tensor(current))
+                current = []
+            current.append(r)
+        return out + [torch.tensor(current)]
+
+
+def memory_plan(config, n_params, n_trainable, args, world, capacity=0):
     """Bytes one rank needs, by part, at the longest prompt and response the flags allow.
 
     static  (always): fp32 master weights, AdamW's two fp32 moments (sharded under FSDP).
     rollout (sampling): the bf16 weights gathered for generate (or autocast's bf16 copies),
-            the KV cache of --gen_batch sequences, and prefill's largest transient (one
+            the KV cache of one generate() call, and prefill's largest transient (one
             decoder layer over every prompt, or one vision block over every image).
     update  (training): fp32 gradients, the activations of one micro-batch (with
             --gradient_checkpointing the input of every layer and block plus one layer
             recomputed), and the logits of one --logp_chunk block.
-    The two phases never overlap, so peak = static + max(rollout, update). Generation is
-    planned for the larger of sampling and validation (--val_batch, --val_max_new_tokens);
-    with --fsdp_offload the static part and the gradients are in CPU memory ("cpu").
+    The two phases never overlap, so peak = static + max(rollout, update). With a device's
+    `capacity` (bytes), what the static part and the sampling weights leave is generation's
+    room: plan["budget"] (GenerationBudget) sizes each call from its actual prompt lengths,
+    at most --gen_batch rows; on a CPU (capacity 0) every call holds --gen_batch rows. The
+    rollout phase shown is the worst case: the longest prompt and response, sampling's or
+    validation's (--val_max_new_tokens). With --fsdp_offload the static part and the
+    gradients are in CPU memory ("cpu").
     Example: Qwen2.5-VL-7B (8.29B parameters, 28 layers, 4 KV heads of 128): the KV cache
     takes 2 (K, V) x 28 x 4 x 128 x 2 bytes = 56 KiB a token.
     """
@@ -281,9 +328,6 @@ def memory_plan(config, n_params, n_trainable, args, world):
     kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2      # bf16 K and V
     shards = world if args.fsdp else 1
     seq = args.max_prompt_len + args.max_new_tokens                     # tokens of one sequence, at most
-    # generation: sampling (--gen_batch, --max_new_tokens) and greedy validation (--val_*)
-    gen_rows = max(args.gen_batch, args.val_batch)
-    gen_seq = args.max_prompt_len + max(args.max_new_tokens, args.val_max_new_tokens)
     # vision patches of one prompt: bounded by --max_pixels and by the prompt length (4 per token)
     merge = getattr(vision, "spatial_merge_size", 2)
     patch = getattr(vision, "patch_size", 14)
@@ -308,9 +352,23 @@ def memory_plan(config, n_params, n_trainable, args, world):
         rollout_phase["weights, bf16 for sampling"] = 2 * n_params    # gathered, or autocast's casts
     else:
         static["weights, bf16 sampling copy"] = 2 * n_params           # kept between steps
+    cpu = {}
+    if args.fsdp_offload:           # shards, AdamW state and gradients live in CPU memory instead
+        cpu = {k: static.pop(k) for k in list(static)}
+    # prefill's transient per prompt token, bf16: one decoder layer, or one vision block over
+    # the token's patches (at most merge^2 of them)
+    prefill_per_token = 2 * max(text_layer, merge ** 2 * vision_block)
+    room = None
+    if capacity:                    # what the device holds in every phase leaves this to generation
+        room = 0.95 * capacity - sum(static.values()) - sum(rollout_phase.values())
+    budget = GenerationBudget(room, kv_per_token, prefill_per_token, args.gen_batch)
+    # the worst call: the longest prompt with the longest response of sampling or validation
+    new = max(args.max_new_tokens, args.val_max_new_tokens)
+    rows = max(1, budget.rows(args.max_prompt_len, new)) if capacity else max(args.gen_batch, args.val_batch)
     rollout_phase.update({
-        f"KV cache, {gen_rows} x {gen_seq} tokens (gen_batch, val_batch)": gen_rows * gen_seq * kv_per_token,
-        "prefill transient": 2 * gen_rows * max(args.max_prompt_len * text_layer, patches * vision_block),
+        f"KV cache, {rows} x {args.max_prompt_len + new} tokens (the longest call)":
+            rows * (args.max_prompt_len + new) * kv_per_token,
+        "prefill transient": rows * args.max_prompt_len * prefill_per_token,
     })
     update_phase = {
         "gradients, fp32": 4 * n_trainable / shards,
@@ -319,42 +377,49 @@ def memory_plan(config, n_params, n_trainable, args, world):
         f"logits, {args.logp_chunk or seq} positions": 3 * 4 * mb * (args.logp_chunk or seq)
         * text.vocab_size,
     }
-    cpu = {}
-    if args.fsdp_offload:           # shards, AdamW state and gradients live in CPU memory instead
-        cpu = {k: static.pop(k) for k in list(static)}
+    if args.fsdp_offload:
         cpu["gradients, fp32"] = update_phase.pop("gradients, fp32")
     peak = sum(static.values()) + max(sum(rollout_phase.values()), sum(update_phase.values()))
     return dict(static=static, rollout=rollout_phase, update=update_phase, cpu=cpu, peak=peak,
-                kv_bytes_per_token=kv_per_token)
+                kv_bytes_per_token=kv_per_token, budget=budget)
 
 
-def format_plan(plan, capacity):
+# the prompt lengths the start-up plan shows rows per call for (and --max_prompt_len)
+SHOWN_LENGTHS = (512, 1024, 2048)
+
+
+def format_plan(plan, capacity, args):
     # a CPU has no fixed capacity to check against (capacity 0): the plan is shown, not enforced
     of = f" of {capacity / GiB:.1f} GiB" if capacity else " (CPU: not checked)"
     lines = [f"memory plan per rank (estimate at the longest prompt and response), peak "
              f"{plan['peak'] / GiB:.1f} GiB" + of]
     for phase in ("static", "rollout", "update", "cpu"):
         lines += [f"  {phase:8s} {name}: {size / GiB:.2f} GiB" for name, size in plan[phase].items()]
+    budget = plan["budget"]
+    if budget.room is None:
+        lines.append(f"  rows per generate() call: --gen_batch {args.gen_batch}")
+    else:
+        lengths = sorted({n for n in SHOWN_LENGTHS if n < args.max_prompt_len} | {args.max_prompt_len})
+        shown = ", ".join(f"{n} -> {budget.rows(n, args.max_new_tokens)}" for n in lengths)
+        lines.append(f"  rows per generate() call, by the call's longest prompt (+ {args.max_new_tokens} new "
+                     f"tokens; at most --gen_batch {args.gen_batch}): {shown}")
     return "\n".join(lines)
 
 
 def check_memory(plan, capacity, args):
     """Stop, with the flag that fixes it, when the plan cannot fit `capacity` bytes."""
-    if not capacity or plan["peak"] <= 0.95 * capacity:
+    longest = (args.max_prompt_len, max(args.max_new_tokens, args.val_max_new_tokens))
+    one_row = plan["budget"].rows(*longest) >= 1
+    if not capacity or (plan["peak"] <= 0.95 * capacity and one_row):
         return
-    rollout_phase, update_phase = sum(plan["rollout"].values()), sum(plan["update"].values())
-    room = 0.95 * capacity - sum(plan["static"].values())
-    if rollout_phase >= update_phase:
-        per_sequence = sum(v for k, v in plan["rollout"].items() if not k.startswith("weights")) / max(
-            args.gen_batch, args.val_batch)
-        fits = int((room - plan["rollout"]["weights, bf16 for sampling"]) // per_sequence)
-        fix = (f"lower --gen_batch and --val_batch to {2 ** int(math.log2(fits))} (or lower "
-               f"--max_new_tokens / --max_prompt_len)"
-               if fits >= 1 else "use more ranks with --fsdp, or shorter --max_prompt_len / --max_new_tokens")
+    if not one_row:
+        fix = ("not even one sequence of the longest prompt and response fits a generate() call: use more "
+               "ranks with --fsdp (or --fsdp_offload), or lower --max_prompt_len / --max_new_tokens / "
+               "--val_max_new_tokens")
     else:
         fix = ("lower --micro_batch (or set --micro_tokens), turn on --gradient_checkpointing, "
                "or lower --logp_chunk")
-    raise SystemExit(f"{format_plan(plan, capacity)}\nThis does not fit the device's "
+    raise SystemExit(f"{format_plan(plan, capacity, args)}\nThis does not fit the device's "
                      f"{capacity / GiB:.1f} GiB: {fix}.")
 
 
@@ -367,19 +432,20 @@ def plan_memory(path, args, world, device):
         model = AutoModelForImageTextToText.from_config(config, trust_remote_code=args.trust_remote_code)
     n_params = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for p in model.model.visual.parameters()) if args.freeze_vision else 0
-    plan = memory_plan(config, n_params, n_params - vision, args, world)
     capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
-    return plan, capacity
+    return memory_plan(config, n_params, n_params - vision, args, world, capacity), capacity
 
 
 
 def check_memory_plan(path, args, ranks):
     """Plan the memory of the model at `path` for these flags, print the plan (rank 0) and
-    stop, naming the flag to lower, when it cannot fit the device."""
+    stop, naming the flag to lower, when it cannot fit the device. Returns the plan's
+    GenerationBudget: the rows of each generate() call."""
     plan, capacity = plan_memory(path, args, ranks.world, ranks.device)
     if ranks.master:
-        print(format_plan(plan, capacity))
+        print(format_plan(plan, capacity, args))
     check_memory(plan, capacity, args)
+    return plan["budget"]
 
 
 # the update's micro-batches: memory only, the gradient does not depend on them (tested)

@@ -1180,28 +1180,77 @@ def test_the_memory_plan_of_the_7b_preset_fits_one_node_of_80gb_cards():
     n_params = sum(p.numel() for p in model.parameters())
     assert 8.2e9 < n_params < 8.4e9
     args = train.parse_args(["--task", "count", "--preset", "paper7b"])
-    plan = models.memory_plan(model.config, n_params, n_params, args, world=8)
+    plan = models.memory_plan(model.config, n_params, n_params, args, world=8, capacity=80 * 2**30)
     assert plan["kv_bytes_per_token"] == 28 * 2 * 4 * 128 * 2 == 57344          # 56 KiB a token, bf16
     assert plan["peak"] < 78 * 2**30, plan
     phases = sum(plan["rollout"].values()), sum(plan["update"].values())   # never at the same time
     assert plan["peak"] == sum(plan["static"].values()) + max(phases)
-    old = train.parse_args(["--task", "count", "--preset", "paper7b", "--gen_batch", "256"])
-    with pytest.raises(SystemExit, match="--gen_batch"):
-        models.check_memory(models.memory_plan(model.config, n_params, n_params, old, world=8),
-                            80 * 2**30, old)
     models.check_memory(plan, 80 * 2**30, args)                               # fits: no error
-    # greedy validation generates too: a larger --val_batch needs the same room
-    big_val = train.parse_args(["--task", "count", "--preset", "paper7b", "--val_batch", "256"])
-    with pytest.raises(SystemExit, match="--val_batch"):
-        models.check_memory(models.memory_plan(model.config, n_params, n_params, big_val, world=8),
-                            80 * 2**30, big_val)
+    # rows per generate() call from the room the plan leaves: at ViRL39K's prompts (a few hundred
+    # text tokens plus at least 334 image tokens at the preset's min_pixels) at least 128 rows
+    budget = plan["budget"]
+    assert budget.rows(1024, 2048) >= 128 and budget.rows(512, 2048) > budget.rows(1024, 2048)
+    assert 1 <= budget.rows(4096, 2048) < 64                                  # the worst case still fits
+    # what the rows cost is what the room holds: one more row would not fit
+    rows = budget.rows(1024, 2048)
+    assert rows * budget.row_bytes(1024, 2048) <= budget.room < (rows + 1) * budget.row_bytes(1024, 2048)
+    capped = train.parse_args(["--task", "count", "--preset", "paper7b", "--gen_batch", "64"])
+    assert models.memory_plan(model.config, n_params, n_params, capped, 8, 80 * 2**30)["budget"].rows(
+        1024, 2048) == 64                                                     # --gen_batch caps a call
+    shown = models.format_plan(plan, 80 * 2**30, args)
+    assert f"1024 -> {rows}" in shown and "4096 -> " in shown
+    # responses so long that not one sequence fits a call stop before loading, naming the flags
+    huge = train.parse_args(["--task", "count", "--preset", "paper7b", "--max_new_tokens", "1000000"])
+    with pytest.raises(SystemExit, match="not even one sequence.*--max_new_tokens"):
+        models.check_memory(models.memory_plan(model.config, n_params, n_params, huge, 8, 80 * 2**30),
+                            80 * 2**30, huge)
     # --fsdp_offload on one GPU: the fp32 shards, AdamW state and gradients are in CPU memory
     one = train.parse_args(["--task", "count", "--preset", "paper7b", "--fsdp_offload"])
-    offload = models.memory_plan(model.config, n_params, n_params, one, world=1)
+    offload = models.memory_plan(model.config, n_params, n_params, one, world=1, capacity=80 * 2**30)
     assert offload["peak"] < 78 * 2**30 and sum(offload["cpu"].values()) == 16 * n_params
+    assert offload["budget"].rows(1024, 2048) >= 64
     with_ref = train.parse_args(["--task", "count", "--preset", "paper7b", "--kl_coef", "0.01"])
-    ref_plan = models.memory_plan(model.config, n_params, n_params, with_ref, world=8)
-    assert ref_plan["peak"] - plan["peak"] == 4 * n_params / 8                 # the reference's fp32 shards
+    ref_plan = models.memory_plan(model.config, n_params, n_params, with_ref, world=8, capacity=80 * 2**30)
+    # the reference's fp32 shards: static memory the room for generation loses
+    assert ref_plan["budget"].room == pytest.approx(budget.room - 4 * n_params / 8)
+
+
+def test_generate_calls_pack_the_shortest_prompts_first_as_many_rows_as_the_budget_holds():
+    unbounded = models.GenerationBudget(None, 1, 1, cap=2)
+    assert [c.tolist() for c in unbounded.calls([9, 3, 5], 10)] == [[1, 2], [0]]
+    assert [c.tolist() for c in unbounded.calls([9, 3], 10)] == [[0, 1]]        # one call: their own order
+    assert unbounded.calls([], 10) == []
+    # room for 100 bytes; a row costs (prompt + 10 new) + 2 x prompt bytes: 40 at prompt 10, 70 at 20
+    budget = models.GenerationBudget(100, 1, 2, cap=8)
+    assert budget.rows(10, 10) == 2 and budget.rows(20, 10) == 1
+    calls = budget.calls([20, 10, 10, 10, 20], 10)
+    assert [c.tolist() for c in calls] == [[1, 2], [3], [0], [4]]
+    assert all(len(c) <= budget.rows(max([20, 10, 10, 10, 20][r] for r in c.tolist()), 10) for c in calls)
+
+
+def test_sampling_makes_the_calls_the_budget_chose_and_returns_rows_in_their_order(tiny_model):
+    model, processor = tiny_model
+    examples = [tiny.counting_example(3, k) for k in range(3)]
+    batch, images_per_row = rollout.encode_prompts(processor, examples, "")
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])
+    args = train.parse_args(["--task", "count", "--max_new_tokens", "2"])
+    sizes = []
+
+    class Recorder:                                  # a policy whose answers name their prompt
+        def eval(self):
+            pass
+
+        def generate(self, processor, batch, **kw):
+            sizes.append(len(batch["input_ids"]))
+            first = batch["input_ids"][:, -1:].repeat(1, 2)      # each row's last prompt token, twice
+            return first, torch.ones_like(first, dtype=torch.bool), torch.zeros(len(first), dtype=torch.bool)
+    length = int(batch["attention_mask"].sum(1).max())
+    budget = models.GenerationBudget(4 * (length + 2), 1, 0, cap=512)       # 4 rows a call, at most
+    responses, masks, _, row_steps = train.sample(Recorder(), processor, batch, images_per_row, rows, args,
+                                                  torch.device("cpu"), budget)
+    assert sizes == [4, 2] and row_steps == 6 * 2
+    want = batch["input_ids"][rows, -1:].repeat(1, 2)
+    assert torch.equal(responses, want) and masks.all()
 
 
 def test_epochs_count_the_prompts_consumed(tiny_model_dir, tmp_path):

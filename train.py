@@ -76,22 +76,6 @@ def rewards(texts, golds, args):
     return rollout.custom_rewards(args.reward, texts, golds)
 
 
-def lr_at(step, total_steps, args):
-    """The learning rate of training step `step` (0-based): --warmup_steps of linear
-    warm-up, then constant (the paper) or a linear / cosine decay towards 0 at `total_steps`.
-    A function of the step alone, so a resumed run gets exactly the same rates.
-    Example: lr 1e-6, warm-up 2, cosine over 6 steps -> 5e-7, 1e-6, 1e-6, 8.5e-7, 5e-7, 1.5e-7.
-    """
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    if args.lr_schedule == "constant":
-        return args.lr
-    progress = min(1.0, (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps))
-    if args.lr_schedule == "linear":
-        return args.lr * (1 - progress)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def encode_examples(processor, examples, args):
     """Process prompts once, then drop over-long ones (never cut them: a cut prompt can
     lose its question or an image). Returns the batch, its images per row (B,), the
@@ -105,31 +89,40 @@ def encode_examples(processor, examples, args):
     return batch, images_per_row, [ex for ex, ok in zip(examples, fits.tolist()) if ok], n_long
 
 
-def sample(policy, processor, batch, images_per_row, rows, args, device):
+def sample(policy, processor, batch, images_per_row, rows, args, device, budget=None):
     """Sample one response for each of `rows` (prompt indices, G per prompt) at the
-    training temperature, --gen_batch sequences per generate() call (the KV cache's size).
-    Returns responses (n, T), their masks (n, T) and which hit --max_new_tokens (n,)."""
-    responses, masks, truncs = [], [], []
+    training temperature. Rows per generate() call come from the memory plan at the
+    prompts' actual lengths (budget, models.GenerationBudget), at most --gen_batch; without
+    a budget, --gen_batch a call. Returns responses (n, T), their masks (n, T), which hit
+    --max_new_tokens (n,), and the decode row-steps paid (rows x longest response, summed
+    over calls: a finished row rides along until its call's longest row is done)."""
+    responses, masks, truncs, row_steps = [], [], [], 0
     policy.eval()
-    for chunk in rows.split(args.gen_batch):
-        gen_batch, _ = rollout.take_rows(batch, images_per_row, chunk)
+    prompt_lens = batch["attention_mask"].sum(dim=1)[rows]                        # (n,)
+    calls = budget.calls(prompt_lens, args.max_new_tokens) if budget else \
+        list(torch.arange(len(rows)).split(args.gen_batch))
+    for call in calls:
+        gen_batch, _ = rollout.take_rows(batch, images_per_row, rows[call])
         with rollout.autocast(device):
             # sampling settings are explicit, never the checkpoint's generation_config (rollout.py)
             r, m, t = policy.generate(processor, rollout.to_device(gen_batch, device),
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_p=args.top_p, cache=args.decode_cache)
         responses.append(r.cpu()), masks.append(m.cpu()), truncs.append(t.cpu())
-    # chunks end at different lengths: right-pad them to one width
+        row_steps += len(call) * int(m.sum(dim=1).max())
+    # calls end at different lengths: right-pad them to one width, then back in the order of rows
+    back = torch.cat(calls).argsort()
     pad_id = processor.tokenizer.pad_token_id
-    return rollout.pad_right(responses, pad_id), rollout.pad_right(masks, False), torch.cat(truncs)
+    return (rollout.pad_right(responses, pad_id)[back], rollout.pad_right(masks, False)[back],
+            torch.cat(truncs)[back], row_steps)
 
 
 # what collect_rollouts counts on this rank; summed over ranks for the step's log
 COUNTED = ("long_prompts", "sampled_groups", "zero_std_groups", "reward_sum", "len_sum", "truncated",
-           "responses")
+           "responses", "row_steps")
 
 
-def sample_groups(policy, processor, data, indices, first_group, args, ranks, bad_rows, counts):
+def sample_groups(policy, processor, data, indices, first_group, args, ranks, bad_rows, counts, budget):
     """One round on this rank: G responses for each prompt of `indices`, rewarded, and the
     informative groups kept, in stream order. Adds this round's COUNTED to `counts`."""
     # bad rows are skipped and counted (or stop the run) by the ledger (dataset.py)
@@ -140,8 +133,8 @@ def sample_groups(policy, processor, data, indices, first_group, args, ranks, ba
     if not examples:
         return rollout.Rollout.empty()
     rows = torch.arange(len(examples)).repeat_interleave(args.group_size)   # (n,): G rows per prompt
-    responses, masks, truncated = sample(policy, processor, batch, images_per_row, rows, args,
-                                         ranks.device)                    # (n, T) each
+    responses, masks, truncated, row_steps = sample(policy, processor, batch, images_per_row, rows, args,
+                                                    ranks.device, budget)     # (n, T) each
     texts = processor.batch_decode(torch.where(masks, responses, processor.tokenizer.pad_token_id),
                                    skip_special_tokens=True)
     # the verifiable reward: 1 if the last \boxed{} equals the gold answer, else 0 (no format term)
@@ -156,6 +149,7 @@ def sample_groups(policy, processor, data, indices, first_group, args, ranks, ba
     counts["len_sum"] += float(masks.sum())
     counts["truncated"] += int(truncated.sum())
     counts["responses"] += len(rows)
+    counts["row_steps"] += row_steps
     if not keep.any():
         return rollout.Rollout.empty()
     prompts, row_images = rollout.take_rows(batch, images_per_row, rows[keep])
@@ -172,7 +166,7 @@ def round_size(need, kept, drawn, rollout_batch):
     return min(math.ceil(need * drawn / max(kept, 1)), 2 * rollout_batch)
 
 
-def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows):
+def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows, budget=None):
     """DAPO dynamic sampling, pooled over ranks: rounds of sampling until ALL ranks
     together hold --rollout_batch informative groups (or --max_tries rounds have run).
 
@@ -180,7 +174,8 @@ def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows):
     every drawn prompt is sampled. Of the informative groups found, the first ones in
     stream order fill the shortfall, so the step keeps exactly --rollout_batch groups,
     the same ones on any number of ranks, and ranks may hold unequal numbers of them.
-    Returns this rank's kept groups as one Rollout, and the counts of COUNTED (plus "tries").
+    budget: the rows of each generate() call (sample). Returns this rank's kept groups as
+    one Rollout, and the counts of COUNTED (plus "tries").
     """
     kept, counts = [], dict.fromkeys(COUNTED, 0.0)
     n_kept, drawn, tries = 0, 0, 0                       # all ranks together: the same on every rank
@@ -194,7 +189,7 @@ def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows):
         first, indices = stream.position, stream.take(n)
         start, end = parallel.my_part(n, ranks)
         found = sample_groups(policy, processor, data, indices[start:end], first + start, args, ranks,
-                              bad_rows, counts)
+                              bad_rows, counts, budget)
         # every rank's informative groups this round, in rank order (= stream order): [3, 5] on 2 ranks
         mine = len(found) // args.group_size
         per_rank = torch.zeros(ranks.world)
@@ -373,13 +368,14 @@ def update_policy(policy, optimizer, params, samples, args, ranks, probe=None):
 # -----------------------------------------------------------------------------
 # ---- validation ----
 
-def validate(policy, processor, data, args, ranks):
+def validate(policy, processor, data, args, ranks, budget=None):
     """Greedy accuracy on the validation set, sharded over ranks (rollout.answer_greedily,
     the same scoring as eval.py's benchmarks), with the mean response length and, with
     --val_focus, the late / early visual focus of the answers (rollout.focus_profile).
     On the colour task also where the chain goes wrong (tiny.chain_sums): accuracy and
     focus at each step, the share of late errors that copy the step before, and accuracy
-    on blank images of prior prompts (see below for what it does and does not tell)."""
+    on blank images of prior prompts (see below for what it does and does not tell).
+    budget (the memory plan's) bounds the prompts per generate() call, at most --val_batch."""
     parallel.entering("validation")
     policy.eval()
     chain = args.task == "colour" and args.val_data == "synthetic"
@@ -389,8 +385,10 @@ def validate(policy, processor, data, args, ranks):
     if chain:                                        # the same keys on every rank, even one with no rows
         sums.update(tiny.chain_sums([], [], None))
     with parallel.full_weights(policy):              # under FSDP: gathered once for all the answers
-        for start in range(0, len(mine), args.val_batch):
-            examples = [data[i] for i in mine[start:start + args.val_batch]]
+        per_call = args.val_batch if budget is None else \
+            max(1, budget.rows(args.max_prompt_len, args.val_max_new_tokens, cap=args.val_batch))
+        for start in range(0, len(mine), per_call):
+            examples = [data[i] for i in mine[start:start + per_call]]
             records = rollout.answer_greedily(policy, processor, examples, args.instruction,
                                               device=ranks.device, max_new_tokens=args.val_max_new_tokens,
                                               bare=args.bare_answers, focus=args.val_focus)
@@ -452,6 +450,7 @@ class Run:
     stream: dataset.PromptStream     # the shared order of prompts; its position is saved
     bad_rows: dataset.BadRows        # the ledger of bad training rows
     probe: rollout.Rollout           # FSDP's zero-loss pass (parallel.py), else None
+    budget: models.GenerationBudget  # rows per generate() call, from the memory plan
     start_step: int                  # 0, or the resumed checkpoint's step
     skipped_updates: int             # updates skipped for a non-finite gradient so far
     total_steps: int                 # the schedule's length (an estimate when run by epochs)
@@ -478,7 +477,7 @@ def set_up(args):
     # the embedded default: built once per out_dir, then (colour task) its supervised warm start
     start_model = tiny.starting_model(args, ranks) if args.model == "tiny" else args.model
     # the plan comes before loading: a 7B model takes minutes to load, a wrong --gen_batch should not
-    models.check_memory_plan(resume_from or start_model, args, ranks)
+    budget = models.check_memory_plan(resume_from or start_model, args, ranks)    # rows per generate()
 
     # the policy. fast_vision rewires the vision tower in every forward: its windows run as one
     # attention call per block, and each distinct image is encoded once, not once per response
@@ -519,7 +518,7 @@ def set_up(args):
         start_step, stream.position = state["step"], state["data_position"]
         skipped = state["last_metrics"].get("skipped_updates", 0)     # a running count in the log
     run = Run(ranks, policy, policy, reference, processor, params, optimizer, train_data, val_data, stream,
-              bad_rows, None, start_step, skipped, total_steps, total_prompts)
+              bad_rows, None, budget, start_step, skipped, total_steps, total_prompts)
     if run.finished(start_step, args):
         if ranks.master:
             print(f"{resume_from}: the run is already complete (step {start_step}, "
@@ -561,7 +560,7 @@ def train(args, run, stop):
     # the starting policy's validation, once, so that the log shows what RL added to it
     start = {}
     if step == 0 and args.val_every:
-        start = validate(policy, processor, run.val_data, args, ranks)
+        start = validate(policy, processor, run.val_data, args, ranks, run.budget)
         if ranks.master:
             bar.write("before training: " + checkpoints.format_metrics(start))
     while not run.finished(step, args):
@@ -577,7 +576,7 @@ def train(args, run, stop):
             # generate() reads the policy's weights, or their bf16 copy (--sample_dtype)
             sampler = parallel.sampling_weights(run.sampler, policy)
             samples, counts = collect_rollouts(sampler, processor, run.train_data, stream, args, ranks,
-                                               run.bad_rows)
+                                               run.bad_rows, run.budget)
             samples.old_logp, focus = score_rollouts(policy, samples, args, ranks.device)   # (N, T) each
         if run.reference is not None:
             with parallel.full_weights(run.reference):
@@ -588,7 +587,7 @@ def train(args, run, stop):
         samples.adv, stats = token_advantages(samples, focus, vgpo_switches(args), args.control_shuffle_focus)
 
         # ---- update ----
-        lr = lr_at(step, run.total_steps, args)
+        lr = config.lr_at(step, run.total_steps, args)       # constant in the paper
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         update = update_policy(policy, run.optimizer, run.params, samples, args, ranks, probe=run.probe)
@@ -607,7 +606,7 @@ def train(args, run, stop):
             row.update({f"start_{k}": v for k, v in start.items()})     # step 0's validation
         last = run.finished(step, args)
         if (args.val_every and step % args.val_every == 0) or last:
-            row.update(validate(policy, processor, run.val_data, args, ranks))
+            row.update(validate(policy, processor, run.val_data, args, ranks, run.budget))
         row["time"] = time.time() - t0
         # one MAX over ranks: the largest peak memory, and whether any rank was asked to stop
         flags = ranks.max_named(dict(peak=parallel.peak_memory(ranks.device), stop=stop.received is not None))
