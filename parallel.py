@@ -9,7 +9,8 @@ Processes and collectives: what lets train.py run on many ranks. Skip it on a fi
                            the full weights gathered once around sampling and scoring
     as_many_passes_as_the_busiest_rank
                            FSDP's rule that every rank runs the same collectives
-    sampling_copy          the bf16 weights generate() reads (--sample_dtype)
+    sampling_copy          the weights generate() reads: a bf16 copy (--sample_dtype), or
+                           under --fsdp a hook-free twin bound to the gathered weights
 
 Two rules shape everything here. Every rank must call the same collectives in the same
 order, or the job hangs; and the loss is divided by the global token count, so gradients
@@ -347,8 +348,8 @@ def sampling_copy(policy, args):
     is read once, in half the bytes. The copy is made here once (each fp32 parameter
     swapped for its bf16 value during the deep copy, so there is never a second fp32
     copy) and refreshed from the policy before every rollout (sampling_weights).
-    float32: the policy itself. Under --fsdp the gathered weights are bf16 on a GPU
-    already (shard's mixed precision), so this is the policy too.
+    float32: the policy itself. Under --fsdp: hook_free_twin, the policy's architecture
+    without FSDP, into which sampling_weights binds the gathered weights.
     """
     import models                                       # models imports this file
 
@@ -357,7 +358,9 @@ def sampling_copy(policy, args):
     # config.check_machine resolves auto for train.py; other callers may still pass it
     if name == "auto":
         name = "bfloat16" if next(model.parameters()).device.type == "cuda" else "float32"
-    if args.fsdp or name == "float32":
+    if args.fsdp:
+        return hook_free_twin(policy, args)
+    if name == "float32":
         return policy
     dtype = getattr(torch, name)
     # the memo hands deepcopy a bf16 Parameter for every fp32 one: no second fp32 copy
@@ -370,11 +373,51 @@ def sampling_copy(policy, args):
     return rollout.Policy(sampler)
 
 
+def hook_free_twin(policy, args):
+    """Under --fsdp: the policy's model built again as a plain module on the meta device,
+    holding no memory and no FSDP hooks.
+
+    Every decoded token is a forward through all the FSDP units, and each unit's pre- and
+    post-forward hooks run Python on the CPU even when the weights are gathered already: on
+    a GPU, where one decode step is a few milliseconds of kernel launches, that adds to every
+    token (and the hooks are excluded from torch.compile). The twin decodes the same numbers
+    without them: sampling_weights makes its parameters the very tensors that full_weights
+    gathered (bf16 on a GPU), so there is no second copy either.
+    """
+    import models                                       # models imports this file
+    from transformers import AutoModelForImageTextToText
+
+    model = policy.model
+    with torch.device("meta"):
+        twin = AutoModelForImageTextToText.from_config(model.config, trust_remote_code=args.trust_remote_code,
+                                                       attn_implementation=model.config._attn_implementation)
+    twin.generation_config = model.generation_config    # its EOS ids end the responses (rollout.eos_ids)
+    if getattr(args, "fast_vision", True):
+        models.speed_up_vision(twin, model.config._attn_implementation)
+    return rollout.Policy(twin.eval())
+
+
+def bind_gathered_weights(twin, model):
+    """Make every parameter and buffer of `twin` the tensor of the same name in `model`
+    (inside full_weights: the gathered, unsharded ones). Tied weights are bound under each
+    of their names. Nothing is copied."""
+    modules = dict(twin.named_modules())
+    for kind, tensors in (("_parameters", model.named_parameters(remove_duplicate=False)),
+                          ("_buffers", model.named_buffers(remove_duplicate=False))):
+        for name, tensor in tensors:
+            owner, _, leaf = name.rpartition(".")
+            getattr(modules[owner], kind)[leaf] = tensor
+
+
 @torch.no_grad()
 def sampling_weights(sampler, policy):
-    """The sampling policy, with its copy (if any) set to the policy's current weights."""
+    """The sampling policy, with its copy (if any) set to the policy's current weights.
+    Under --fsdp call it inside full_weights: the twin takes the gathered weights."""
     if sampler is policy:
         return policy
+    if fsdp_units(policy):
+        bind_gathered_weights(sampler.model, policy.model)
+        return sampler
     # copy_ casts fp32 to bf16 in place: no new tensor, so the copy's memory never grows
     for mine, theirs in zip(sampler.model.parameters(), policy.model.parameters()):
         mine.copy_(theirs)

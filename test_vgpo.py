@@ -661,6 +661,55 @@ def fsdp_worker(model_dir, out):
     dist.destroy_process_group()
 
 
+def fsdp_unit_forwards(calls):
+    """A global forward pre-hook that counts forwards of FSDP units (each runs FSDP's hooks)."""
+    from torch.distributed.fsdp import FSDPModule
+    return torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append(1) if isinstance(module, FSDPModule) else None)
+
+
+def hook_free_worker(model_dir, out):
+    """A rank of test_sampling_under_fsdp_...: sample through the FSDP policy and its twin."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    args = train.parse_args(["--task", "count", "--model", model_dir, "--fsdp"])
+    model, processor, _ = models.load_model(model_dir, args, torch.device("cpu"), move=False)
+    policy = rollout.Policy(model)
+    parallel.shard(policy, torch.device("cpu"))
+    twin = parallel.sampling_copy(policy, args)
+    assert twin is not policy and not parallel.fsdp_units(twin)
+    batch, images_per_row = rollout.encode_prompts(processor, [tiny.counting_example(4, i) for i in range(3)], "")
+    batch, _ = rollout.take_rows(batch, images_per_row, torch.arange(3).repeat_interleave(4))
+    results = {}
+    for name in ("fsdp", "twin"):
+        calls = []
+        with parallel.full_weights(policy):
+            sampler = policy if name == "fsdp" else parallel.sampling_weights(twin, policy)
+            if name == "twin":                      # the gathered tensors themselves, not a copy
+                shared = dict(policy.model.named_parameters())
+                assert all(p.data_ptr() == shared[n].data_ptr() for n, p in sampler.model.named_parameters())
+            torch.manual_seed(dist.get_rank())
+            hook = fsdp_unit_forwards(calls)
+            responses, mask, _ = sampler.generate(processor, batch, max_new_tokens=6, temperature=1.0)
+            hook.remove()
+        results[name] = (responses, mask, len(calls))
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sampling_under_fsdp_runs_no_fsdp_hook_and_draws_the_same_responses(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "hooks.pt")
+    torchrun(["test_vgpo.py", "hook_free_worker", tiny_model_dir, out])
+    results = torch.load(out)
+    (responses, mask, fsdp_calls), (twin_responses, twin_mask, twin_calls) = results["fsdp"], results["twin"]
+    assert torch.equal(responses, twin_responses) and torch.equal(mask, twin_mask)
+    # through the FSDP policy every decoded token runs every unit's hooks; through the twin none
+    assert fsdp_calls >= 6 * (models.read_model_config(tiny_model_dir, train.parse_args([])).text_config
+                              .num_hidden_layers) and twin_calls == 0
+
+
 def test_a_two_process_fsdp_update_matches_one_process(tiny_model_dir, tmp_path):
     out = str(tmp_path / "fsdp.pt")
     torchrun(["test_vgpo.py", "fsdp_worker", tiny_model_dir, out])
@@ -2005,7 +2054,7 @@ def test_training_moves_credit_with_vgpo_and_not_without(tiny_model_dir, tmp_pat
 
 
 if __name__ == "__main__":          # the ranks of a torchrun test: python test_vgpo.py <worker> <args...>
-    {"fsdp_worker": fsdp_worker}[sys.argv[1]](*sys.argv[2:])
+    {"fsdp_worker": fsdp_worker, "hook_free_worker": hook_free_worker}[sys.argv[1]](*sys.argv[2:])
 
 
 # =============================================================================
