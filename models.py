@@ -74,16 +74,18 @@ def safetensors_problem(path):
     return None if 8 + n + end <= size else f"truncated ({size} of {8 + n + end} bytes)"
 
 
-def load_model(path, args, device, move=True, fast_vision=True):
+def load_model(path, args, device, move=True, fast_vision=True, weights=True):
     """AutoModelForImageTextToText + AutoProcessor from a hub id or a local folder.
 
     The model comes on `device`; with move=False (--fsdp) it stays in CPU memory and
     fully_shard moves each rank's shards to the device (no full copy on any GPU).
+    weights=False (--fsdp, every rank but 0): the same model built on the meta device, no
+    weight read and no memory, to receive its shards from rank 0 (parallel.shard).
     fast_vision=True rewires the vision tower (speed_up_vision): the same numbers from
     far fewer kernel launches in every forward. Returns (model, processor, attention),
     the last a phrase for the start-up line, e.g. "sdpa, each distinct image encoded once".
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
     config = read_model_config(path, args)
     image_token_id = getattr(config, "image_token_id", None)
@@ -92,8 +94,17 @@ def load_model(path, args, device, move=True, fast_vision=True):
                          f"placeholders cannot be found; use a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint")
     attn = pick_attention(args.attn, device)
     # float32 master weights; on GPU the forward runs under bf16 autocast
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=attn,
-                                                        trust_remote_code=args.trust_remote_code)
+    if weights:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=attn,
+                                                            trust_remote_code=args.trust_remote_code)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32, attn_implementation=attn,
+                                                            trust_remote_code=args.trust_remote_code)
+        try:                                             # what from_pretrained would have attached
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:
+            model.generation_config = GenerationConfig.from_model_config(config)
     if move:
         model.to(device)
     if fast_vision:

@@ -212,8 +212,13 @@ def peak_memory(device):
 # -----------------------------------------------------------------------------
 # ---- FSDP2 (--fsdp) ----: weights, gradients and optimizer state sharded over the ranks
 
-def shard(policy, device, offload=False):
+def shard(policy, device, offload=False, from_rank0=False):
     """fully_shard every decoder layer and vision block, then the rest as the root unit.
+
+    from_rank0 (train.py): only rank 0 holds the weights; every other rank's model is on
+    the meta device (models.load_model(weights=False)) and receives its shards from rank 0
+    (receive_shards). One read of the checkpoint per job, not one per rank: 8 ranks of a
+    7B model would each hold its 33 GB of fp32 in CPU memory at once, 265 GB a node.
 
     On GPU the gathered weights are bf16 (compute) while the shards, the optimizer and the
     gradient reduction stay fp32. Gradients are SUMMED over ranks, as in the
@@ -241,10 +246,15 @@ def shard(policy, device, offload=False):
     if not blocks:
         raise SystemExit(f"--fsdp: {type(policy.model).__name__} names no decoder layer / vision block "
                          f"classes (_no_split_modules); run without --fsdp")
+    # rank 0's full weights (references, no copy), to be sent to the others once sharded
+    full = policy.state_dict() if from_rank0 and dist.get_rank() == 0 else {}
     # inner units first: fully_shard on the root then takes only the weights left over
     for block in blocks:
         fully_shard(block, **options)
     fully_shard(policy, **options)
+    if from_rank0:
+        receive_shards(policy, full, torch.device("cpu") if offload else device)
+        del full
     for method in ("generate", "score"):
         register_fsdp_forward_method(policy, method)
     for unit in fsdp_units(policy):
@@ -252,6 +262,19 @@ def shard(policy, device, offload=False):
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
     return len(blocks)
+
+
+def receive_shards(policy, full, device):
+    """Rank 0 sends each weight (`full`, its state dict) and every rank keeps its own shard
+    of it; then rank 0's buffers (the rotary frequencies, not in a state dict) go to all.
+    The other ranks' shards are on the meta device until here: to_empty gives them memory."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if dist.get_rank() != 0:
+        policy.to_empty(device=device)
+    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in policy.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def fsdp_units(module):

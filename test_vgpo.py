@@ -710,6 +710,52 @@ def test_sampling_under_fsdp_runs_no_fsdp_hook_and_draws_the_same_responses(tiny
                               .num_hidden_layers) and twin_calls == 0
 
 
+def one_load_worker(model_dir, out):
+    """A rank of test_under_fsdp_only_rank_0_reads_...: load as train.py does under --fsdp."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForImageTextToText
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    reads, original = [], AutoModelForImageTextToText.from_pretrained
+    AutoModelForImageTextToText.from_pretrained = lambda *a, **k: reads.append(1) or original(*a, **k)
+    args = train.parse_args(["--task", "count", "--model", model_dir, "--fsdp"])
+    model, processor, _ = models.load_model(model_dir, args, torch.device("cpu"), move=False, weights=rank == 0)
+    assert all(p.is_meta for p in model.parameters()) == (rank == 1)
+    policy = rollout.Policy(model)
+    parallel.shard(policy, torch.device("cpu"), from_rank0=True)
+    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))   # gathered
+    roll = fixed_rollout(processor, [0, 1])
+    prompts, responses, mask, _ = roll.micro(torch.arange(16), torch.device("cpu"))
+    with parallel.full_weights(policy), torch.no_grad():
+        logp, _ = policy.score(prompts, responses, mask)
+    torch.save(dict(reads=len(reads), weights={k.removeprefix("model."): v for k, v in weights.items()},
+                    buffers=dict(policy.model.named_buffers()), logp=logp), f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_under_fsdp_only_rank_0_reads_the_weights_and_every_rank_gets_its_shards(tiny_model, tiny_model_dir,
+                                                                                 tmp_path):
+    out = str(tmp_path / "load")
+    torchrun(["test_vgpo.py", "one_load_worker", tiny_model_dir, out])
+    ranks = [torch.load(f"{out}.{r}") for r in (0, 1)]
+    assert [r["reads"] for r in ranks] == [1, 0]                  # one read of the checkpoint in all
+    model, processor = tiny_model
+    roll = fixed_rollout(processor, [0, 1])
+    prompts, responses, mask, _ = roll.micro(torch.arange(16), torch.device("cpu"))
+    with torch.no_grad():
+        want, _ = rollout.score(model, prompts, responses, mask)
+    plain, buffers = model.state_dict(), dict(model.named_buffers())
+    for r in ranks:
+        assert r["weights"].keys() == plain.keys()
+        assert all(torch.equal(r["weights"][k], v) for k, v in plain.items())
+        # the rotary frequencies are buffers, in no state dict: rank 1 got them from rank 0
+        assert r["buffers"].keys() == buffers.keys() and len(buffers) > 0
+        assert all(torch.equal(r["buffers"][k], v) for k, v in buffers.items())
+        torch.testing.assert_close(r["logp"], want, rtol=1e-5, atol=1e-6)
+
+
 def test_a_two_process_fsdp_update_matches_one_process(tiny_model_dir, tmp_path):
     out = str(tmp_path / "fsdp.pt")
     torchrun(["test_vgpo.py", "fsdp_worker", tiny_model_dir, out])
@@ -2054,7 +2100,8 @@ def test_training_moves_credit_with_vgpo_and_not_without(tiny_model_dir, tmp_pat
 
 
 if __name__ == "__main__":          # the ranks of a torchrun test: python test_vgpo.py <worker> <args...>
-    {"fsdp_worker": fsdp_worker, "hook_free_worker": hook_free_worker}[sys.argv[1]](*sys.argv[2:])
+    workers = dict(fsdp_worker=fsdp_worker, hook_free_worker=hook_free_worker, one_load_worker=one_load_worker)
+    workers[sys.argv[1]](*sys.argv[2:])
 
 
 # =============================================================================

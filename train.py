@@ -481,8 +481,10 @@ def set_up(args):
 
     # the policy. fast_vision rewires the vision tower in every forward: its windows run as one
     # attention call per block, and each distinct image is encoded once, not once per response
+    # under --fsdp only rank 0 reads the weights; the others receive their shards (parallel.shard)
     model, processor, attention = models.load_model(resume_from or start_model, args, ranks.device,
-                                                    move=not args.fsdp, fast_vision=args.fast_vision)
+                                                    move=not args.fsdp, fast_vision=args.fast_vision,
+                                                    weights=ranks.master or not args.fsdp)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False                   # training forwards never decode (generate() turns it on)
@@ -491,12 +493,12 @@ def set_up(args):
     policy, reference, units = rollout.Policy(model), None, 0
     if args.kl_coef > 0:                             # the reference is the starting model, never trained
         ref_model, _, _ = models.load_model(start_model, args, ranks.device, move=not args.fsdp,
-                                            fast_vision=args.fast_vision)
+                                            fast_vision=args.fast_vision, weights=ranks.master or not args.fsdp)
         reference = rollout.Policy(ref_model.requires_grad_(False))
     if args.fsdp:
-        units = parallel.shard(policy, ranks.device, args.fsdp_offload)
+        units = parallel.shard(policy, ranks.device, args.fsdp_offload, from_rank0=True)
         if reference is not None:
-            parallel.shard(reference, ranks.device, args.fsdp_offload)
+            parallel.shard(reference, ranks.device, args.fsdp_offload, from_rank0=True)
     params = [p for p in policy.parameters() if p.requires_grad]
     # AdamW as in the paper (lr 1e-6, weight decay 1e-2 in the preset); its state is fp32
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
