@@ -36,6 +36,12 @@ Sections 3-5 (each case in a fresh child process, so its peak memory is its own)
    0..N-1: held-out and per-step accuracy, blank-image accuracy on prior prompts, the share
    of late errors that copy, the focus / image-dependence rank correlation at the start and
    the end, paired differences with standard errors, and docs/forgetting.png.
+11. (--recipe paper7b, on its own) the counts that set the 7B recipe's GPU time, before and
+   after pooled sampling, token-budget generate() calls, hook-free FSDP sampling and the
+   one load per job: sampling rounds per step and prompts drawn per kept group (the
+   sampling rule simulated at a keep rate of 0.5 on 2, 4 and 8 ranks), rows per generate()
+   call (the memory plan of the 7B shape on 80 GB), FSDP hook calls per decoded token, and
+   peak CPU memory per rank while loading a mid-size model under --fsdp on 2 CPU ranks.
 Peak memory is the process's peak resident set (CPU) or peak allocated memory (GPU).
 Record the figures in BENCHMARKS.md with the machine and the command.
 """
@@ -91,6 +97,10 @@ parser.add_argument("--shape", choices=["small", "7b"], default=None,
                          "GPU; small: for a CPU), before and after the vision rewiring and bf16 sampling: "
                          "decode, update step, vision patches encoded, attention calls and kernel launches, "
                          "VGPO/GRPO ratios")
+parser.add_argument("--recipe", choices=["paper7b"], default=None,
+                    help="only section 11: the counts that set the paper recipe's GPU time, before and after "
+                         "(sampling rounds, prompts drawn per kept group, rows per generate() call, FSDP hook "
+                         "calls per decoded token, peak CPU memory at load)")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)   # internal: run one case
 args = parser.parse_args()
 # the same random inputs on every run: figures from two machines compare like with like
@@ -206,13 +216,13 @@ def child_fsdp_generate(size):
     batch = rollout.to_device(batch, DEVICE)
     policy = rollout.Policy(model)
 
-    def sample():
+    def sample(sampler=policy):
         # reseeded every call: plain and sharded draw the same random numbers, so `same`
         # below compares like with like
         torch.manual_seed(0)
         t0 = time.perf_counter()
         with rollout.autocast(DEVICE):
-            responses, mask, _ = policy.generate(processor, batch, max_new_tokens=64)
+            responses, mask, _ = sampler.generate(processor, batch, max_new_tokens=64)
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
         return float(mask.sum()) / (time.perf_counter() - t0), responses
@@ -222,13 +232,56 @@ def child_fsdp_generate(size):
     plain, plain_tokens = sample()
     model.cpu()
     parallel.shard(policy, DEVICE)
+    twin = parallel.sampling_copy(policy, targs)
+    hooks = {}
     # weights gathered once around the whole generate, as train.py samples (a warm-up
-    # again: the sharded model's first call has one-off costs of its own)
-    with parallel.full_weights(policy):
-        sample()
-        sharded, sharded_tokens = sample()
+    # again: the sharded model's first call has one-off costs of its own). Before: generate
+    # through the sharded policy, whose units run FSDP's hooks at every decoded token;
+    # after: through the hook-free twin bound to the same gathered weights (train.py today)
+    from torch.distributed.fsdp import FSDPModule
+    for name, sampler in (("fsdp", policy), ("twin", twin)):
+        with parallel.full_weights(policy):
+            sampler = parallel.sampling_weights(sampler, policy) if name == "twin" else policy
+            sample(sampler)
+            calls = []
+            counter = torch.nn.modules.module.register_module_forward_pre_hook(
+                lambda module, _: calls.append(1) if isinstance(module, FSDPModule) else None)
+            tps, tokens = sample(sampler)
+            counter.remove()
+        # one forward of the batch per decoding step: the responses' width
+        hooks[name] = (tps, tokens, len(calls) / tokens.shape[1])
     dist.destroy_process_group()
-    return dict(plain=plain, fsdp=sharded, same=bool(torch.equal(plain_tokens, sharded_tokens)))
+    return dict(plain=plain, fsdp=hooks["fsdp"][0], twin=hooks["twin"][0],
+                same=bool(torch.equal(plain_tokens, hooks["fsdp"][1]) and torch.equal(plain_tokens,
+                                                                                     hooks["twin"][1])),
+                hooks_fsdp=hooks["fsdp"][2], hooks_twin=hooks["twin"][2])
+
+
+def child_load(mode, path):
+    """Peak CPU memory of this rank (torchrun, 2 ranks) loading `path` under --fsdp:
+    before = every rank reads the weights; after = rank 0 reads, the others receive."""
+    import torch.distributed as dist
+
+    import rollout
+    import train
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    targs = train.parse_args(["--fsdp", "--model", path])
+    # the model's code imported (an empty model built on the meta device) before the baseline:
+    # what the load adds is then its weights and what moving them costs, not transformers' import
+    from transformers import AutoModelForImageTextToText
+    with torch.device("meta"):
+        AutoModelForImageTextToText.from_config(models.read_model_config(path, targs))
+    before_load = peak_memory()
+    model, _, _ = models.load_model(path, targs, DEVICE, move=False, weights=mode == "before" or rank == 0)
+    parallel.shard(rollout.Policy(model), DEVICE, from_rank0=mode == "after")
+    out = dict(rank=rank, peak=peak_memory(), start=before_load,
+               params=sum(p.numel() for p in model.parameters()))
+    with open(f"{path}.{mode}.{rank}.json", "w") as f:
+        json.dump(out, f)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # ---- section 9 (--shape): a random Qwen2.5-VL of a real shape, before and after the
@@ -521,6 +574,9 @@ if args.child:
     kind, *rest = args.child.split(":")
     if kind == "shape":
         print(json.dumps(child_shape(*rest)))
+        sys.exit(0)
+    if kind == "load":                              # under torchrun: every rank writes its own file
+        child_load(rest[0], ":".join(rest[1:]))
         sys.exit(0)
     result = (child_step(rest[0], rest[1] == "vgpo") if kind == "step" else
               child_fsdp_generate(rest[0]) if kind == "fsdpgen" else child_logp(int(rest[0])))
@@ -903,8 +959,114 @@ def credit(ckpt, prompts=128, seed=40000):
     return out
 
 
+# ---- section 11 (--recipe paper7b): the counts that set the 7B recipe's GPU time ----
+
+def lock_step_sampling(world, batch, rate, max_tries, rng):
+    """Dynamic sampling as it was before pooling: every round each rank draws batch / world
+    prompts; a rank that holds its share already throws its slice away unsampled, and the
+    rounds go on until every rank is full. Returns (rounds, drawn, sampled, kept, busiest),
+    busiest = prompts sampled by the busiest rank, which sets the rollout's time."""
+    share = batch // world
+    kept = [0] * world
+    rounds = drawn = sampled = 0
+    while rounds < max_tries and min(kept) < share:
+        rounds += 1
+        drawn += batch
+        for r in range(world):
+            if kept[r] < share:
+                sampled += share
+                kept[r] = min(share, kept[r] + sum(rng.random() < rate for _ in range(share)))
+    return rounds, drawn, sampled, sum(kept), rounds * share
+
+
+def pooled_sampling(world, batch, rate, max_tries, rng):
+    """train.collect_rollouts' rule: a round draws train.round_size prompts, split over the
+    ranks (parallel.my_part), all of them sampled; the ranks' informative groups pool."""
+    import train
+
+    kept = drawn = rounds = busiest = 0
+    while kept < batch and rounds < max_tries:
+        rounds += 1
+        n = train.round_size(batch - kept, kept, drawn, batch)
+        kept += min(batch - kept, sum(rng.random() < rate for _ in range(n)))
+        drawn += n
+        busiest += max(end - start for start, end in
+                       (parallel.my_part(n, parallel.Ranks(r, world)) for r in range(world)))
+    return rounds, drawn, drawn, kept, busiest
+
+
+def recipe_table(steps=2000, rate=0.5):
+    """Section 11: print the counts, before and after, for the paper's recipe."""
+    import random
+
+    import tiny
+    import train
+    from test_vgpo import qwen25_vl_7b_config
+
+    preset = train.parse_args(["--preset", "paper7b"])
+    batch, tries = preset.rollout_batch, preset.max_tries
+    print(f"dynamic sampling, {batch} prompts a step, keep rate {rate}, --max_tries {tries}, {steps} simulated "
+          f"steps (each group informative with probability {rate}):")
+    print("| ranks | rule | rounds / step | prompts drawn / kept group | drawn, never sampled | full steps "
+          "| busiest rank's prompts / step |")
+    print("|---|---|---|---|---|---|---|")
+    for world in (2, 4, 8):
+        for name, rule in (("before: lock-step", lock_step_sampling), ("after: pooled", pooled_sampling)):
+            rng = random.Random(0)
+            runs = [rule(world, batch, rate, tries, rng) for _ in range(steps)]
+            rounds, drawn, sampled, kept, busiest = (statistics.mean(r[k] for r in runs) for k in range(5))
+            full = statistics.mean(r[3] == batch for r in runs)
+            print(f"| {world} | {name} | {rounds:.2f} | {drawn / kept:.2f} | {1 - sampled / drawn:.1%} | "
+                  f"{full:.1%} | {busiest:.0f} |")
+
+    # rows per generate() call: the 7B shape's memory plan on 80 GB, 8 ranks, --max_new_tokens 2048
+    with torch.device("meta"):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        n_params = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(qwen25_vl_7b_config()).parameters())
+    budget = models.memory_plan(qwen25_vl_7b_config(), n_params, n_params, preset, 8, 80 * 2**30)["budget"]
+    print()
+    print(f"rows per generate() call, Qwen2.5-VL-7B, paper7b on 8 x 80 GB, + {preset.max_new_tokens} new tokens "
+          f"(room for generation {budget.room / 2**30:.1f} GiB):")
+    print("| longest prompt of the call (tokens) | before: --gen_batch 32 | after: from the plan |")
+    print("|---|---|---|")
+    for length in (512, 1024, 2048, 4096):
+        print(f"| {length} | 32 | {budget.rows(length, preset.max_new_tokens)} |")
+
+    # FSDP hook calls per decoding step: generate through the FSDP units vs the hook-free twin
+    r = run_child("fsdpgen:tiny")
+    print()
+    print(f"FSDP unit forwards (each with its pre- and post-forward hook) per decoding step, tiny model, "
+          f"1 rank: before {r['hooks_fsdp']:.1f}, after {r['hooks_twin']:.1f}; tokens/s plain "
+          f"{r['plain']:,.0f}, FSDP units {r['fsdp']:,.0f}, twin {r['twin']:,.0f}; "
+          + ("the same samples" if r["same"] else "samples differ"))
+
+    # peak CPU memory per rank while loading under --fsdp, 2 CPU ranks
+    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), "vgpo-bench-load"), seed=0,
+                                 **MODELS["mid"])
+    print()
+    print("| load under --fsdp, 2 CPU ranks | rank 0 peak | rank 1 peak | rank 1 added by the load |")
+    print("|---|---|---|---|")
+    for mode in ("before", "after"):
+        port = "29583" if mode == "before" else "29584"
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", port, __file__, "--child", f"load:{mode}:{path}"],
+                             capture_output=True, text=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+        if out.returncode != 0:
+            raise SystemExit(f"bench case load:{mode} failed:\n{out.stderr[-2000:]}")
+        ranks = [json.load(open(f"{path}.{mode}.{rank}.json")) for rank in (0, 1)]
+        mb = lambda x: f"{x / 2**20:,.0f} MB"
+        label = f"{mode}, {ranks[0]['params'] / 1e6:.0f}M params (fp32 {4 * ranks[0]['params'] / 2**20:,.0f} MB)"
+        print(f"| {label} | {mb(ranks[0]['peak'])} | {mb(ranks[1]['peak'])} | "
+              f"{mb(ranks[1]['peak'] - ranks[1]['start'])} |")
+
+
 if args.shape:
     shape_table(args.shape)
+    sys.exit(0)
+
+
+if args.recipe:
+    recipe_table()
     sys.exit(0)
 
 
@@ -1011,4 +1173,7 @@ for size in ("tiny", "mid"):
     # identical on CPU (fp32 both ways); on GPU the gathered weights are bf16, so samples drift
     # ratio FSDP2 / plain: below 1 is what FSDP's hooks cost a decoding step
     label = f"{size}, 1 rank, " + ("same samples" if r["same"] else "samples differ")
-    print(f"| {label:<44} | {r['plain']:>10,.0f} | {r['fsdp']:>10,.0f} | {r['fsdp'] / r['plain']:>9.3f} |")
+    print(f"| {label + ', through the FSDP units':<44} | {r['plain']:>10,.0f} | {r['fsdp']:>10,.0f} | "
+          f"{r['fsdp'] / r['plain']:>9.3f} |")
+    print(f"| {label + ', hook-free twin':<44} | {r['plain']:>10,.0f} | {r['twin']:>10,.0f} | "
+          f"{r['twin'] / r['plain']:>9.3f} |")
