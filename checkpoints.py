@@ -278,6 +278,9 @@ def print_start(args, ranks, run, n_params, attention, units, resume_from):
     """The start-up lines: the model and how it is held, the data, the sampling, the flags."""
     # how the weights are held decides the memory per rank: say it before the first step
     sharding = f"FSDP2 over {ranks.world} ranks, {units} units + root" if args.fsdp else "full copy per rank"
+    if args.fsdp and parallel.mesh_shape(run.policy):
+        nodes, per_node = parallel.mesh_shape(run.policy)
+        sharding += f", HSDP: sharded over {per_node} ranks a node, replicated over {nodes} nodes"
     sharding += ", CPU offload" if args.fsdp_offload else ""
     # attention names the kernel in use (flash-attn or sdpa) and the vision rewiring on top of it
     print(f"model {args.model} ({n_params / 1e6:.2f}M params, attention: {attention}, "

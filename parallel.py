@@ -246,6 +246,9 @@ def shard(policy, device, offload=False, from_rank0=False):
     if not blocks:
         raise SystemExit(f"--fsdp: {type(policy.model).__name__} names no decoder layer / vision block "
                          f"classes (_no_split_modules); run without --fsdp")
+    mesh = node_mesh(device)
+    if mesh is not None:                                 # HSDP: shard within a node, replicate across
+        options["mesh"] = mesh
     # rank 0's full weights (references, no copy), to be sent to the others once sharded
     full = policy.state_dict() if from_rank0 and dist.get_rank() == 0 else {}
     # inner units first: fully_shard on the root then takes only the weights left over
@@ -262,6 +265,27 @@ def shard(policy, device, offload=False, from_rank0=False):
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
     return len(blocks)
+
+
+def node_mesh(device):
+    """FSDP's device mesh. On one node None: one flat mesh of every rank. On several nodes
+    (torchrun's LOCAL_WORLD_SIZE ranks each) HSDP, a 2-D mesh (nodes, ranks per node): the
+    weights are sharded over a node's ranks and replicated across nodes, so the gathers and
+    reduce-scatters of every micro-batch stay on the node's own links, and only the gradient
+    shards of a mini-batch cross the network, as one all-reduce between the node replicas.
+    Example: 2 nodes x 8 GPUs -> mesh (2, 8); each rank holds 1/8 of the weights, not 1/16."""
+    world = dist.get_world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if per_node >= world or world % per_node:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def mesh_shape(policy):
+    """(nodes, ranks per node) of an HSDP policy, None for flat FSDP or no FSDP: for the log."""
+    params = [p for p in policy.parameters() if hasattr(p, "device_mesh")]
+    return tuple(params[0].device_mesh.shape) if params and params[0].device_mesh.ndim == 2 else None
 
 
 def receive_shards(policy, full, device):

@@ -756,6 +756,46 @@ def test_under_fsdp_only_rank_0_reads_the_weights_and_every_rank_gets_its_shards
         torch.testing.assert_close(r["logp"], want, rtol=1e-5, atol=1e-6)
 
 
+def hsdp_worker(model_dir, out):
+    """A rank of test_on_two_nodes_...: one update with each of 4 ranks holding one group."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    result = one_update(model_dir, [rank], 2, fsdp=True, world=4)
+    # the mesh shard() builds here, read off a freshly sharded policy
+    policy = rollout.Policy(models.load_model(model_dir, train.parse_args(["--task", "count"]),
+                                              torch.device("cpu"))[0])
+    parallel.shard(policy, torch.device("cpu"))
+    if rank == 0:
+        torch.save((result, parallel.mesh_shape(policy)), out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_on_two_nodes_fsdp_shards_within_a_node_and_matches_one_process(tiny_model_dir, tmp_path):
+    # two torchrun launches of 2 ranks each, as two nodes of one job (--nnodes 2)
+    out = str(tmp_path / "hsdp.pt")
+    here = os.path.dirname(os.path.abspath(__file__))
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                               str(node), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                               "--master_port", "29537", "test_vgpo.py", "hsdp_worker", tiny_model_dir, out],
+                              cwd=here, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    logs = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), logs[0][1][-3000:] + logs[1][1][-3000:]
+    (sums, weights), shape = torch.load(out)
+    assert shape == (2, 2)                                   # 2 nodes x 2 ranks: a 2-D mesh
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want_sums, want_weights = one_update(tiny_model_dir, [0, 1, 2, 3], 2, fsdp=False)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-7)
+    for k in want_weights:
+        torch.testing.assert_close(weights[k], want_weights[k], rtol=1e-5, atol=2e-6, msg=k)
+
+
 def test_a_two_process_fsdp_update_matches_one_process(tiny_model_dir, tmp_path):
     out = str(tmp_path / "fsdp.pt")
     torchrun(["test_vgpo.py", "fsdp_worker", tiny_model_dir, out])
@@ -2102,7 +2142,8 @@ def test_training_moves_credit_with_vgpo_and_not_without(tiny_model_dir, tmp_pat
 
 
 if __name__ == "__main__":          # the ranks of a torchrun test: python test_vgpo.py <worker> <args...>
-    workers = dict(fsdp_worker=fsdp_worker, hook_free_worker=hook_free_worker, one_load_worker=one_load_worker)
+    workers = dict(fsdp_worker=fsdp_worker, hook_free_worker=hook_free_worker, one_load_worker=one_load_worker,
+                   hsdp_worker=hsdp_worker)
     workers[sys.argv[1]](*sys.argv[2:])
 
 
