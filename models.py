@@ -74,7 +74,7 @@ def safetensors_problem(path):
     return None if 8 + n + end <= size else f"truncated ({size} of {8 + n + end} bytes)"
 
 
-def load_model(path, args, device, move=True, fast_vision=True, weights=True):
+def load_model(path, args, device, move=True, fast_vision=True, weights=True, dtype=torch.float32):
     """AutoModelForImageTextToText + AutoProcessor from a hub id or a local folder.
 
     The model comes on `device`; with move=False (--fsdp) it stays in CPU memory and
@@ -82,7 +82,8 @@ def load_model(path, args, device, move=True, fast_vision=True, weights=True):
     weights=False (--fsdp, every rank but 0): the same model built on the meta device, no
     weight read and no memory, to receive its shards from rank 0 (parallel.shard).
     fast_vision=True rewires the vision tower (speed_up_vision): the same numbers from
-    far fewer kernel launches in every forward. Returns (model, processor, attention),
+    far fewer kernel launches in every forward. dtype: float32 master weights for training;
+    eval.py on a GPU loads bfloat16 (no master copy to keep). Returns (model, processor, attention),
     the last a phrase for the start-up line, e.g. "sdpa, each distinct image encoded once".
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
@@ -95,11 +96,11 @@ def load_model(path, args, device, move=True, fast_vision=True, weights=True):
     attn = pick_attention(args.attn, device)
     # float32 master weights; on GPU the forward runs under bf16 autocast
     if weights:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=attn,
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn,
                                                             trust_remote_code=args.trust_remote_code)
     else:
         with torch.device("meta"):
-            model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32, attn_implementation=attn,
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn,
                                                             trust_remote_code=args.trust_remote_code)
         try:                                             # what from_pretrained would have attached
             model.generation_config = GenerationConfig.from_pretrained(path)
@@ -314,6 +315,19 @@ class GenerationBudget:
         return out + [torch.tensor(current)]
 
 
+def token_costs(config):
+    """(KV-cache bytes a token, prefill-transient bytes a prompt token) of generate() in bf16:
+    the two per-token costs of a GenerationBudget. The transient is one decoder layer's live
+    values, or one vision block's over the token's patches (at most merge^2 of them)."""
+    text, vision = config.get_text_config(), config.vision_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2      # bf16 K and V
+    v_hidden = getattr(vision, "hidden_size", 0)
+    vision_block = v_hidden * 10 + 3 * getattr(vision, "intermediate_size", 4 * v_hidden)
+    text_layer = text.hidden_size * 10 + 3 * text.intermediate_size
+    return kv_per_token, 2 * max(text_layer, getattr(vision, "spatial_merge_size", 2) ** 2 * vision_block)
+
+
 def memory_plan(config, n_params, n_trainable, args, world, capacity=0):
     """Bytes one rank needs, by part, at the longest prompt and response the flags allow.
 
@@ -335,8 +349,7 @@ def memory_plan(config, n_params, n_trainable, args, world, capacity=0):
     takes 2 (K, V) x 28 x 4 x 128 x 2 bytes = 56 KiB a token.
     """
     text, vision = config.get_text_config(), config.vision_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2      # bf16 K and V
+    kv_per_token, prefill_per_token = token_costs(config)
     shards = world if args.fsdp else 1
     seq = args.max_prompt_len + args.max_new_tokens                     # tokens of one sequence, at most
     # vision patches of one prompt: bounded by --max_pixels and by the prompt length (4 per token)
@@ -366,9 +379,6 @@ def memory_plan(config, n_params, n_trainable, args, world, capacity=0):
     cpu = {}
     if args.fsdp_offload:           # shards, AdamW state and gradients live in CPU memory instead
         cpu = {k: static.pop(k) for k in list(static)}
-    # prefill's transient per prompt token, bf16: one decoder layer, or one vision block over
-    # the token's patches (at most merge^2 of them)
-    prefill_per_token = 2 * max(text_layer, merge ** 2 * vision_block)
     room = None
     if capacity:                    # what the device holds in every phase leaves this to generation
         room = 0.95 * capacity - sum(static.values()) - sum(rollout_phase.values())

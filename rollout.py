@@ -564,7 +564,7 @@ class Policy(torch.nn.Module):
 
 @torch.no_grad()
 def answer_greedily(policy, processor, examples, instruction, *, max_new_tokens, bare, device, focus=False,
-                    dependence=False):
+                    dependence=False, budget=None):
     """Greedy answers to `examples`, each graded against its "answer": the one scoring
     function of train.py's validation and eval.py's benchmarks.
 
@@ -573,8 +573,20 @@ def answer_greedily(policy, processor, examples, instruction, *, max_new_tokens,
     "correct": True, "length": 15, "tokens": [the response's token ids]}, plus with focus=True
     "focus": the visual focus of each response token (vgpo.visual_focus, Step 1), a 1-D CPU tensor,
     and with dependence=True "dependence": each token's image_dependence, likewise.
+    budget (models.GenerationBudget): split into as many generate() calls as the memory needs.
     """
-    batch = to_device(encode_prompts(processor, examples, instruction)[0], device)
+    batch = encode_prompts(processor, examples, instruction)[0]
+    calls = budget.calls(batch["attention_mask"].sum(dim=1), max_new_tokens) if budget else []
+    if len(calls) > 1:                       # one call per part, shortest prompts first; same order back
+        records = [None] * len(examples)
+        for call in calls:
+            part = answer_greedily(policy, processor, [examples[k] for k in call.tolist()], instruction,
+                                   max_new_tokens=max_new_tokens, bare=bare, device=device, focus=focus,
+                                   dependence=dependence)
+            for k, record in zip(call.tolist(), part):
+                records[k] = record
+        return records
+    batch = to_device(batch, device)
     with autocast(device):
         # greedy, nothing taken from the checkpoint's generation_config: the paper's protocol
         responses, mask, _ = policy.generate(processor, batch, max_new_tokens=max_new_tokens, temperature=0)

@@ -1389,6 +1389,30 @@ def test_sampling_makes_the_calls_the_budget_chose_and_returns_rows_in_their_ord
     assert torch.equal(responses, want) and masks.all()
 
 
+def test_greedy_answers_split_by_a_budget_are_the_answers_of_one_call(tiny_model):
+    model, processor = tiny_model
+    examples = [tiny.colour_example(6, k) for k in range(5)]
+    examples[3] = dict(examples[3], problem=examples[3]["problem"] + " Count carefully, step by step.")
+    kw = dict(max_new_tokens=8, bare=False, device=torch.device("cpu"), focus=True)
+    whole = rollout.answer_greedily(rollout.Policy(model), processor, examples, "", **kw)
+    lengths = rollout.encode_prompts(processor, examples, "")[0]["attention_mask"].sum(1)
+    budget = models.GenerationBudget(None, 1, 1, cap=2)                  # 2 prompts a call: 3 calls
+    assert len(budget.calls(lengths, 8)) == 3
+    parts = rollout.answer_greedily(rollout.Policy(model), processor, examples, "", budget=budget, **kw)
+    assert [r["response"] for r in parts] == [r["response"] for r in whole]
+    for a, b in zip(parts, whole):
+        torch.testing.assert_close(a["focus"], b["focus"], rtol=1e-4, atol=1e-5)
+
+
+def test_eval_loads_bf16_weights_when_asked_and_fp32_by_default(tiny_model_dir):
+    args = train.parse_args(["--task", "count"])
+    half, _, _ = models.load_model(tiny_model_dir, args, torch.device("cpu"), dtype=torch.bfloat16)
+    full, _, _ = models.load_model(tiny_model_dir, args, torch.device("cpu"))
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    assert all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(half.parameters(), full.parameters()))
+
+
 def test_epochs_count_the_prompts_consumed(tiny_model_dir, tmp_path):
     path = write_virl_rows(str(tmp_path / "d"), counting_rows(16))
     out = str(tmp_path / "run")
