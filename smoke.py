@@ -2,7 +2,7 @@
 First contact: run the 7B preset's whole code path on a small random model, in minutes,
 before spending GPU hours on the real one.
 
-    python smoke.py                    # every GPU of this machine (torchrun, NCCL);
+    python smoke.py                    # every GPU of this machine, one rank each (torchrun, NCCL);
                                        # 2 CPU ranks (gloo) without one
     python smoke.py --nproc 8 --work_dir /tmp/smoke
 
@@ -176,12 +176,28 @@ def run(cmd):
         raise SystemExit(f"smoke test FAILED (exit {result.returncode}): {' '.join(cmd)}")
 
 
+def default_ranks():
+    """Every GPU of the machine, one rank each (NCCL binds one GPU to a rank); 2 CPU ranks
+    without a GPU. A world of one skips every collective, so one GPU tests less (said then)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def check_ranks(nproc):
+    """More ranks than GPUs cannot start (two NCCL ranks on one GPU fail); say so first."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and nproc > gpus:
+        raise SystemExit(f"--nproc {nproc}: this machine has {gpus} GPU(s), and each rank needs its own "
+                         f"(NCCL); pass --nproc {gpus}")
+    if nproc < 1:
+        raise SystemExit("--nproc must be >= 1")
+    if nproc == 1:
+        print("smoke test on one rank: the collectives between ranks are not exercised (2+ GPUs test them)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # at least 2 ranks: a world of one skips every collective, which is what a smoke test must run
-    p.add_argument("--nproc", type=int,
-                   default=max(torch.cuda.device_count(), 2) if torch.cuda.is_available() else 2,
-                   help="ranks (default: every GPU, at least 2; 2 CPU ranks without a GPU)")
+    p.add_argument("--nproc", type=int, default=default_ranks(),
+                   help="ranks (default: every GPU; 2 CPU ranks without a GPU)")
     p.add_argument("--work_dir", default="out/smoke",
                    help="where the model, the data and the run are written")
     # torchrun starts this file once per rank with --train_child; REMAINDER hands the rest to train.py
@@ -196,6 +212,7 @@ def main():
         train.main(args.train_child)
         return
 
+    check_ranks(args.nproc)
     work = os.path.abspath(args.work_dir)
     model = os.path.join(work, "model")
     # random weights, built once and reused by later runs: the test is of the code path, not

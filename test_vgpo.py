@@ -1553,6 +1553,22 @@ def test_option_letters_in_latex_or_lower_case_are_graded_right():
         assert not rollout.grade(answer, "B"), answer
 
 
+def test_the_smoke_script_asks_one_rank_per_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert smoke.default_ranks() == 1                         # a one-GPU machine: one rank, not two
+    with pytest.raises(SystemExit, match="--nproc 2: this machine has 1 GPU.*pass --nproc 1"):
+        smoke.check_ranks(2)
+    smoke.check_ranks(1)
+    assert "collectives between ranks are not exercised" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert smoke.default_ranks() == 8
+    smoke.check_ranks(8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert smoke.default_ranks() == 2                         # CPU: 2 gloo ranks
+    smoke.check_ranks(2)
+
+
 def test_the_smoke_script_runs_the_7b_preset_path_and_eval_on_two_ranks(tmp_path):
     # on a GPU machine this is the first thing to run (NCCL, bf16); here 2 CPU ranks with gloo
     result = subprocess.run([sys.executable, "smoke.py", "--nproc", "2",
