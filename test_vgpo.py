@@ -693,6 +693,20 @@ def hook_free_worker(model_dir, out):
             responses, mask, _ = sampler.generate(processor, batch, max_new_tokens=6, temperature=1.0)
             hook.remove()
         results[name] = (responses, mask, len(calls))
+    # validation's greedy answers and their focus (train.validate) through the twin, too
+    examples = [tiny.colour_example(2, i) for i in range(3)]
+    answers, calls = {}, []
+    for name in ("fsdp", "twin"):
+        with parallel.full_weights(policy):
+            answerer = policy if name == "fsdp" else parallel.sampling_weights(twin, policy)
+            hook = fsdp_unit_forwards(calls) if name == "twin" else None
+            answers[name] = rollout.answer_greedily(answerer, processor, examples, "", max_new_tokens=6,
+                                                    bare=False, device=torch.device("cpu"), focus=True)
+            if hook:
+                hook.remove()
+    assert calls == [] and [a["response"] for a in answers["fsdp"]] == [a["response"] for a in answers["twin"]]
+    for a, b in zip(answers["fsdp"], answers["twin"]):
+        torch.testing.assert_close(a["focus"], b["focus"])
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.barrier()

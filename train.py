@@ -66,10 +66,8 @@ import vgpo
 
 def rewards(texts, golds, args):
     """One reward per response: the paper's accuracy, or the --reward module:function.
-
     Example: --reward my_rewards:length_penalty imports my_rewards.py (from the working
-    folder or PYTHONPATH) and calls length_penalty(texts, golds) -> [float, ...].
-    """
+    folder or PYTHONPATH) and calls length_penalty(texts, golds) -> [float, ...]."""
     # accuracy only, as the paper trains: no format reward, no length penalty
     if args.reward == "accuracy":
         return rollout.accuracy_rewards(texts, golds, args.bare_answers)
@@ -90,12 +88,10 @@ def encode_examples(processor, examples, args):
 
 
 def sample(policy, processor, batch, images_per_row, rows, args, device, budget=None):
-    """Sample one response for each of `rows` (prompt indices, G per prompt) at the
-    training temperature. Rows per generate() call come from the memory plan at the
-    prompts' actual lengths (budget, models.GenerationBudget), at most --gen_batch; without
-    a budget, --gen_batch a call. Returns responses (n, T), their masks (n, T), which hit
-    --max_new_tokens (n,), and the decode row-steps paid (rows x longest response, summed
-    over calls: a finished row rides along until its call's longest row is done)."""
+    """Sample one response for each of `rows` (prompt indices, G per prompt) at the training
+    temperature, in generate() calls sized by the memory plan at the prompts' lengths (budget;
+    without one, --gen_batch rows a call). Returns responses (n, T), their masks (n, T), which
+    hit --max_new_tokens (n,), and the decode row-steps paid (rows x longest response)."""
     responses, masks, truncs, row_steps = [], [], [], 0
     policy.eval()
     prompt_lens = batch["attention_mask"].sum(dim=1)[rows]                        # (n,)
@@ -371,15 +367,17 @@ def update_policy(policy, optimizer, params, samples, args, ranks, probe=None):
 # -----------------------------------------------------------------------------
 # ---- validation ----
 
-def validate(policy, processor, data, args, ranks, budget=None):
-    """Greedy accuracy on the validation set, sharded over ranks (rollout.answer_greedily,
-    the same scoring as eval.py's benchmarks), with the mean response length and, with
-    --val_focus, the late / early visual focus of the answers (rollout.focus_profile).
-    On the colour task also where the chain goes wrong (tiny.chain_sums): accuracy and
-    focus at each step, the share of late errors that copy the step before, and accuracy
-    on blank images of prior prompts (see below for what it does and does not tell).
-    budget (the memory plan's) bounds the prompts per generate() call, at most --val_batch."""
+def validate(run, args):
+    """Greedy accuracy of the run's policy on its validation set, sharded over ranks
+    (rollout.answer_greedily, the same scoring as eval.py's benchmarks), with the mean
+    response length and, with --val_focus, the late / early visual focus of the answers
+    (rollout.focus_profile). On the colour task also where the chain goes wrong
+    (tiny.chain_sums): accuracy and focus at each step, the share of late errors that copy
+    the step before, and accuracy on blank images of prior prompts (see below)."""
     parallel.entering("validation")
+    policy, processor, data, ranks = run.policy, run.processor, run.val_data, run.ranks
+    # the memory plan's room (its rows at the prompts' lengths), at most --val_batch prompts a call
+    budget = models.GenerationBudget(run.budget.room, run.budget.kv, run.budget.prefill, args.val_batch)
     policy.eval()
     chain = args.task == "colour" and args.val_data == "synthetic"
     # every rank answers every world-th example; the sums are reduced over ranks at the end
@@ -388,13 +386,14 @@ def validate(policy, processor, data, args, ranks, budget=None):
     if chain:                                        # the same keys on every rank, even one with no rows
         sums.update(tiny.chain_sums([], [], None))
     with parallel.full_weights(policy):              # under FSDP: gathered once for all the answers
-        per_call = args.val_batch if budget is None else \
-            max(1, budget.rows(args.max_prompt_len, args.val_max_new_tokens, cap=args.val_batch))
-        for start in range(0, len(mine), per_call):
-            examples = [data[i] for i in mine[start:start + per_call]]
-            records = rollout.answer_greedily(policy, processor, examples, args.instruction,
+        # under FSDP the answers come from the hook-free twin bound to the gathered weights
+        # (parallel.hook_free_twin): no FSDP hook at every decoded token
+        answerer = parallel.sampling_weights(run.sampler, policy) if args.fsdp else policy
+        for start in range(0, len(mine), args.val_batch):
+            examples = [data[i] for i in mine[start:start + args.val_batch]]
+            records = rollout.answer_greedily(answerer, processor, examples, args.instruction,
                                               device=ranks.device, max_new_tokens=args.val_max_new_tokens,
-                                              bare=args.bare_answers, focus=args.val_focus)
+                                              bare=args.bare_answers, focus=args.val_focus, budget=budget)
             sums["correct"] += sum(r["correct"] for r in records)
             sums["tokens"] += sum(r["length"] for r in records)
             if args.val_focus:
@@ -415,7 +414,7 @@ def validate(policy, processor, data, args, ranks, budget=None):
             # and its accuracy on prior prompts is that answer's prior probability (tiny.py): what it
             # writes without an image (0.21 for "r1g1b1"), not how much it reads one
             blank = tiny.colour_example(args.seed + 40_000, 0, blank=True, copy_prior=args.copy_prior)
-            blank_answer = rollout.answer_greedily(policy, processor, [blank], args.instruction,
+            blank_answer = rollout.answer_greedily(answerer, processor, [blank], args.instruction,
                                                    device=ranks.device,
                                                    max_new_tokens=args.val_max_new_tokens,
                                                    bare=args.bare_answers)[0]["response"]
@@ -565,7 +564,7 @@ def train(args, run, stop):
     # the starting policy's validation, once, so that the log shows what RL added to it
     start = {}
     if step == 0 and args.val_every:
-        start = validate(policy, processor, run.val_data, args, ranks, run.budget)
+        start = validate(run, args)
         if ranks.master:
             bar.write("before training: " + checkpoints.format_metrics(start))
     while not run.finished(step, args):
@@ -611,7 +610,7 @@ def train(args, run, stop):
             row.update({f"start_{k}": v for k, v in start.items()})     # step 0's validation
         last = run.finished(step, args)
         if (args.val_every and step % args.val_every == 0) or last:
-            row.update(validate(policy, processor, run.val_data, args, ranks, run.budget))
+            row.update(validate(run, args))
         row["time"] = time.time() - t0
         # one MAX over ranks: the largest peak memory, and whether any rank was asked to stop
         flags = ranks.max_named(dict(peak=parallel.peak_memory(ranks.device), stop=stop.received is not None))
