@@ -976,23 +976,26 @@ def lock_step_sampling(world, batch, rate, max_tries, rng):
             if kept[r] < share:
                 sampled += share
                 kept[r] = min(share, kept[r] + sum(rng.random() < rate for _ in range(share)))
-    return rounds, drawn, sampled, sum(kept), rounds * share
+    return rounds, drawn, sampled, sum(kept), rounds * share, max(kept)
 
 
 def pooled_sampling(world, batch, rate, max_tries, rng):
     """train.collect_rollouts' rule: a round draws train.round_size prompts, split over the
-    ranks (parallel.my_part), all of them sampled; the ranks' informative groups pool."""
+    ranks (parallel.my_part), all of them sampled; the ranks' informative groups pool, and
+    train.fair_shares gives the shortfall to the ranks holding the fewest."""
     import train
 
-    kept = drawn = rounds = busiest = 0
-    while kept < batch and rounds < max_tries:
+    held, drawn, rounds, busiest = [0] * world, 0, 0, 0
+    while sum(held) < batch and rounds < max_tries:
         rounds += 1
-        n = train.round_size(batch - kept, kept, drawn, batch)
-        kept += min(batch - kept, sum(rng.random() < rate for _ in range(n)))
+        n = train.round_size(batch - sum(held), sum(held), drawn, batch)
+        parts = [parallel.my_part(n, parallel.Ranks(r, world)) for r in range(world)]
+        found = [sum(rng.random() < rate for _ in range(end - start)) for start, end in parts]
+        take = train.fair_shares(held, found, batch - sum(held))
+        held = [h + t for h, t in zip(held, take)]
         drawn += n
-        busiest += max(end - start for start, end in
-                       (parallel.my_part(n, parallel.Ranks(r, world)) for r in range(world)))
-    return rounds, drawn, drawn, kept, busiest
+        busiest += max(end - start for start, end in parts)
+    return rounds, drawn, drawn, sum(held), busiest, max(held)
 
 
 def recipe_table(steps=2000, rate=0.5):
@@ -1008,16 +1011,16 @@ def recipe_table(steps=2000, rate=0.5):
     print(f"dynamic sampling, {batch} prompts a step, keep rate {rate}, --max_tries {tries}, {steps} simulated "
           f"steps (each group informative with probability {rate}):")
     print("| ranks | rule | rounds / step | prompts drawn / kept group | drawn, never sampled | full steps "
-          "| busiest rank's prompts / step |")
-    print("|---|---|---|---|---|---|---|")
+          "| busiest rank's prompts / step | most groups on one rank (update) |")
+    print("|---|---|---|---|---|---|---|---|")
     for world in (2, 4, 8):
         for name, rule in (("before: lock-step", lock_step_sampling), ("after: pooled", pooled_sampling)):
             rng = random.Random(0)
             runs = [rule(world, batch, rate, tries, rng) for _ in range(steps)]
-            rounds, drawn, sampled, kept, busiest = (statistics.mean(r[k] for r in runs) for k in range(5))
+            rounds, drawn, sampled, kept, busiest, most = (statistics.mean(r[k] for r in runs) for k in range(6))
             full = statistics.mean(r[3] == batch for r in runs)
             print(f"| {world} | {name} | {rounds:.2f} | {drawn / kept:.2f} | {1 - sampled / drawn:.1%} | "
-                  f"{full:.1%} | {busiest:.0f} |")
+                  f"{full:.1%} | {busiest:.0f} | {most:.1f} (mean {batch // world}) |")
 
     # rows per generate() call: the 7B shape's memory plan on 80 GB, 8 ranks, --max_new_tokens 2048
     with torch.device("meta"):

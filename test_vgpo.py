@@ -2161,6 +2161,26 @@ def test_a_later_sampling_round_draws_the_shortfall_over_the_keep_rate_split_ove
     assert [parallel.my_part(3, parallel.Ranks(rank, 4)) for rank in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 3)]
 
 
+def test_the_groups_a_round_keeps_go_to_the_ranks_holding_the_fewest():
+    assert train.fair_shares([4, 4], [3, 1], 3) == [2, 1]
+    assert train.fair_shares([0, 6], [5, 5], 4) == [4, 0]
+    assert train.fair_shares([0, 0], [2, 1], 8) == [2, 1]                # fewer found than needed: all
+    assert train.fair_shares([0, 0, 0], [0, 9, 9], 6) == [0, 3, 3]
+    # any counts: exactly min(need, found) kept, none beyond what a rank found, and the totals
+    # as even as the found groups allow (a rank below the top was given all it had)
+    import random
+    rng = random.Random(0)
+    for _ in range(200):
+        held = [rng.randrange(6) for _ in range(4)]
+        found = [rng.randrange(6) for _ in range(4)]
+        need = rng.randrange(12)
+        take = train.fair_shares(held, found, need)
+        assert sum(take) == min(need, sum(found)) and all(0 <= t <= f for t, f in zip(take, found))
+        totals = [h + t for h, t in zip(held, take)]
+        top = max(t for t, k in zip(totals, take) if k) if any(take) else 0
+        assert all(total >= top - 1 or k == f for total, k, f in zip(totals, take, found))
+
+
 def test_dynamic_sampling_keeps_exactly_the_first_informative_groups_and_samples_every_drawn_prompt(
         tiny_model, tmp_path, monkeypatch):
     model, processor = tiny_model

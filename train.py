@@ -165,19 +165,34 @@ def round_size(need, kept, drawn, rollout_batch):
     return min(math.ceil((need + 3 * math.sqrt(need * (1 - rate))) / rate), 2 * rollout_batch)
 
 
+def fair_shares(held, found, need):
+    """How many of each rank's new informative groups to keep: `need` in all (or every one
+    found, if fewer), given to the ranks holding the fewest so far, so that the update's
+    work is spread as evenly as the groups allow (FSDP runs as many passes as the busiest rank).
+    Example: held [4, 4], found [3, 1], need 3 -> [2, 1]; held [0, 6], found [5, 5], need 4 -> [4, 0]."""
+    take = [0] * len(held)
+    for _ in range(min(need, sum(found))):
+        # the rank with the fewest groups that still has a new one to give; ties go to the lower rank
+        r = min((r for r in range(len(held)) if take[r] < found[r]), key=lambda r: (held[r] + take[r], r))
+        take[r] += 1
+    return take
+
+
 def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows, budget=None):
     """DAPO dynamic sampling, pooled over ranks: rounds of sampling until ALL ranks
     together hold --rollout_batch informative groups (or --max_tries rounds have run).
 
     Each round draws round_size() prompts from the shared stream, split over the ranks;
-    every drawn prompt is sampled. Of the informative groups found, the first ones in
-    stream order fill the shortfall, so the step keeps exactly --rollout_batch groups,
-    the same ones on any number of ranks, and ranks may hold unequal numbers of them.
+    every drawn prompt is sampled. The informative groups found fill the shortfall, taken
+    from the ranks holding the fewest so far (fair_shares; each rank's first ones in stream
+    order), so the step keeps exactly --rollout_batch groups, chosen the same way on every
+    rank, and ranks may hold unequal numbers of them.
     budget: the rows of each generate() call (sample). Returns this rank's kept groups as
     one Rollout, and the counts of COUNTED (plus "tries").
     """
     kept, counts = [], dict.fromkeys(COUNTED, 0.0)
     n_kept, drawn, tries = 0, 0, 0                       # all ranks together: the same on every rank
+    held = [0] * ranks.world                             # each rank's kept groups, known to every rank
     while n_kept < args.rollout_batch and tries < args.max_tries:
         tries += 1
         parallel.entering(f"rollout, sampling round {tries}")      # named if a collective times out
@@ -189,17 +204,14 @@ def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows, bud
         start, end = parallel.my_part(n, ranks)
         found = sample_groups(policy, processor, data, indices[start:end], first + start, args, ranks,
                               bad_rows, counts, budget)
-        # every rank's informative groups this round, in rank order (= stream order): [3, 5] on 2 ranks
-        mine = len(found) // args.group_size
+        # every rank's informative groups this round, in rank order: [3, 5] on 2 ranks
         per_rank = torch.zeros(ranks.world)
-        per_rank[ranks.rank] = mine
-        ranks.reduce(per_rank)
-        # the shortfall is filled by the first groups in stream order; later ones are dropped
-        before = int(per_rank[:ranks.rank].sum())
-        take = max(0, min(mine, need - before))
-        if take:
-            kept.append(found.first_groups(take * args.group_size))
-        n_kept += min(int(per_rank.sum()), need)
+        per_rank[ranks.rank] = len(found) // args.group_size
+        take = fair_shares(held, [int(f) for f in ranks.reduce(per_rank)], need)   # the same on every rank
+        if take[ranks.rank]:
+            kept.append(found.first_groups(take[ranks.rank] * args.group_size))
+        held = [h + t for h, t in zip(held, take)]
+        n_kept += sum(take)
         drawn += n
     counts["tries"] = tries
     return rollout.Rollout.concat(kept, processor.tokenizer.pad_token_id), counts
