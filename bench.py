@@ -99,7 +99,8 @@ parser.add_argument("--shape", choices=["small", "7b"], default=None,
                          "VGPO/GRPO ratios")
 parser.add_argument("--recipe", choices=["paper7b"], default=None,
                     help="only section 11: the counts that set the paper recipe's GPU time, before and after "
-                         "(sampling rounds, prompts drawn per kept group, rows per generate() call, FSDP hook "
+                         "(sampling rounds, prompts drawn per kept group, rows per generate() call, FSDP "
+                         "hook "
                          "calls per decoded token, peak CPU memory at load)")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)   # internal: run one case
 args = parser.parse_args()
@@ -969,12 +970,15 @@ def lock_step_sampling(world, batch, rate, max_tries, rng):
     share = batch // world
     kept = [0] * world
     rounds = drawn = sampled = 0
+    # every rank steps with the others until the last one is full (or the tries run out)
     while rounds < max_tries and min(kept) < share:
         rounds += 1
-        drawn += batch
+        drawn += batch                              # the whole stream slice, every rank's part
         for r in range(world):
+            # a full rank's slice is drawn but never sampled: those prompts are lost to the run
             if kept[r] < share:
                 sampled += share
+                # each sampled group is informative with probability `rate`; a rank keeps its share
                 kept[r] = min(share, kept[r] + sum(rng.random() < rate for _ in range(share)))
     return rounds, drawn, sampled, sum(kept), rounds * share, max(kept)
 
@@ -982,16 +986,19 @@ def lock_step_sampling(world, batch, rate, max_tries, rng):
 def pooled_sampling(world, batch, rate, max_tries, rng):
     """train.collect_rollouts' rule: a round draws train.round_size prompts, split over the
     ranks (parallel.my_part), all of them sampled; the ranks' informative groups pool, and
-    train.fair_shares gives the shortfall to the ranks holding the fewest."""
+    parallel.fair_shares gives the shortfall to the ranks holding the fewest."""
     import train
 
     held, drawn, rounds, busiest = [0] * world, 0, 0, 0
     while sum(held) < batch and rounds < max_tries:
         rounds += 1
+        # the same functions train.py calls: how many to draw, how they split over the ranks
         n = train.round_size(batch - sum(held), sum(held), drawn, batch)
         parts = [parallel.my_part(n, parallel.Ranks(r, world)) for r in range(world)]
+        # each rank samples all of its slice; each group informative with probability `rate`
         found = [sum(rng.random() < rate for _ in range(end - start)) for start, end in parts]
-        take = train.fair_shares(held, found, batch - sum(held))
+        # which of them are kept: the shortfall, to the ranks holding the fewest
+        take = parallel.fair_shares(held, found, batch - sum(held))
         held = [h + t for h, t in zip(held, take)]
         drawn += n
         busiest += max(end - start for start, end in parts)
@@ -1006,18 +1013,23 @@ def recipe_table(steps=2000, rate=0.5):
     import train
     from test_vgpo import qwen25_vl_7b_config
 
+    # the paper's recipe as train.py runs it: 512 prompts a step, at most 4 rounds
     preset = train.parse_args(["--preset", "paper7b"])
     batch, tries = preset.rollout_batch, preset.max_tries
-    print(f"dynamic sampling, {batch} prompts a step, keep rate {rate}, --max_tries {tries}, {steps} simulated "
+    print(f"dynamic sampling, {batch} prompts a step, keep rate {rate}, --max_tries {tries}, {steps} "
+          f"simulated "
           f"steps (each group informative with probability {rate}):")
     print("| ranks | rule | rounds / step | prompts drawn / kept group | drawn, never sampled | full steps "
           "| busiest rank's prompts / step | most groups on one rank (update) |")
     print("|---|---|---|---|---|---|---|---|")
     for world in (2, 4, 8):
         for name, rule in (("before: lock-step", lock_step_sampling), ("after: pooled", pooled_sampling)):
+            # the same random draws for both rules: the difference is the rule's, not the luck's
             rng = random.Random(0)
             runs = [rule(world, batch, rate, tries, rng) for _ in range(steps)]
-            rounds, drawn, sampled, kept, busiest, most = (statistics.mean(r[k] for r in runs) for k in range(6))
+            # means over the simulated steps, one per column of the rule's result
+            rounds, drawn, sampled, kept, busiest, most = (statistics.mean(r[k] for r in runs)
+                                                           for k in range(6))
             full = statistics.mean(r[3] == batch for r in runs)
             print(f"| {world} | {name} | {rounds:.2f} | {drawn / kept:.2f} | {1 - sampled / drawn:.1%} | "
                   f"{full:.1%} | {busiest:.0f} | {most:.1f} (mean {batch // world}) |")
@@ -1025,13 +1037,16 @@ def recipe_table(steps=2000, rate=0.5):
     # rows per generate() call: the 7B shape's memory plan on 80 GB, 8 ranks, --max_new_tokens 2048
     with torch.device("meta"):
         from transformers import Qwen2_5_VLForConditionalGeneration
-        n_params = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(qwen25_vl_7b_config()).parameters())
+        shape = Qwen2_5_VLForConditionalGeneration(qwen25_vl_7b_config())          # no memory: meta
+        n_params = sum(p.numel() for p in shape.parameters())
     budget = models.memory_plan(qwen25_vl_7b_config(), n_params, n_params, preset, 8, 80 * 2**30)["budget"]
     print()
-    print(f"rows per generate() call, Qwen2.5-VL-7B, paper7b on 8 x 80 GB, + {preset.max_new_tokens} new tokens "
+    print(f"rows per generate() call, Qwen2.5-VL-7B, paper7b on 8 x 80 GB, + {preset.max_new_tokens} new "
+          f"tokens "
           f"(room for generation {budget.room / 2**30:.1f} GiB):")
     print("| longest prompt of the call (tokens) | before: --gen_batch 32 | after: from the plan |")
     print("|---|---|---|")
+    # before, the preset fixed 32 rows for every call, sized for the longest prompt (4096)
     for length in (512, 1024, 2048, 4096):
         print(f"| {length} | 32 | {budget.rows(length, preset.max_new_tokens)} |")
 
@@ -1049,16 +1064,20 @@ def recipe_table(steps=2000, rate=0.5):
     print()
     print("| load under --fsdp, 2 CPU ranks | rank 0 peak | rank 1 peak | rank 1 added by the load |")
     print("|---|---|---|---|")
+    # before: every rank reads the checkpoint; after: rank 0 reads it and sends the shards
     for mode in ("before", "after"):
-        port = "29583" if mode == "before" else "29584"
+        port = "29583" if mode == "before" else "29584"         # a fresh process group each
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                               "--master_port", port, __file__, "--child", f"load:{mode}:{path}"],
-                             capture_output=True, text=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+                             capture_output=True, text=True,
+                             env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
         if out.returncode != 0:
             raise SystemExit(f"bench case load:{mode} failed:\n{out.stderr[-2000:]}")
+        # each rank wrote its own file: their stdout lines would interleave
         ranks = [json.load(open(f"{path}.{mode}.{rank}.json")) for rank in (0, 1)]
         mb = lambda x: f"{x / 2**20:,.0f} MB"
-        label = f"{mode}, {ranks[0]['params'] / 1e6:.0f}M params (fp32 {4 * ranks[0]['params'] / 2**20:,.0f} MB)"
+        params = ranks[0]["params"]
+        label = f"{mode}, {params / 1e6:.0f}M params (fp32 {4 * params / 2**20:,.0f} MB)"
         print(f"| {label} | {mb(ranks[0]['peak'])} | {mb(ranks[1]['peak'])} | "
               f"{mb(ranks[1]['peak'] - ranks[1]['start'])} |")
 

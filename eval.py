@@ -72,9 +72,9 @@ def build_parser():
     # how to score it (the paper's protocol by default); --batch bounds the KV cache: each of its
     # prompts keeps up to --max_new_tokens cached tokens
     p.add_argument("--batch", type=int, default=0,
-                   help="at most this many prompts per greedy generate() call; 0 = 16 on a CPU, 256 on a GPU, "
-                        "where each call holds only as many as the GPU's free memory fits at its prompts' "
-                        "lengths")
+                   help="at most this many prompts per greedy generate() call; 0 = 16 on a CPU, 256 on a "
+                        "GPU, where each call holds only as many as the GPU's free memory fits at its "
+                        "prompts' lengths")
     p.add_argument("--max_new_tokens", type=int, default=2048,
                    help="longest response (paper: 2048); a checkpoint's own task uses its validation length")
     # None, not "": an empty --instruction is a real choice (append nothing), None = the checkpoint's
@@ -424,7 +424,8 @@ def score_checkpoint(ckpt, cfg, names, args, rank, world, device):
         # their lengths (models.GenerationBudget); --focus scores prompt and answer again after
         # it, so a prompt counts as prompt + answer tokens then
         kv, prefill = models.token_costs(model.config)
-        room = 0.95 * torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        room = 0.95 * total - torch.cuda.memory_allocated(device)
         budget = models.GenerationBudget(room, kv, prefill * (2 if args.focus else 1), cap=args.batch)
     policy = rollout.Policy(model)                  # policy.generate / policy.score, as in training
     # the instruction the checkpoint was trained with, so that it is scored on its own prompt

@@ -98,6 +98,19 @@ def my_part(n, ranks):
     return start, start + base + int(ranks.rank < extra)
 
 
+def fair_shares(held, found, need):
+    """How many of each rank's new informative groups to keep: `need` in all (or every one
+    found, if fewer), given to the ranks holding the fewest so far, so that the update's
+    work is spread as evenly as the groups allow (FSDP runs as many passes as the busiest rank).
+    Example: held [4, 4], found [3, 1], need 3 -> [2, 1]; held [0, 6], found [5, 5], need 4 -> [4, 0]."""
+    take = [0] * len(held)
+    for _ in range(min(need, sum(found))):
+        # the rank with the fewest groups that still has a new one to give; ties go to the lower rank
+        r = min((r for r in range(len(held)) if take[r] < found[r]), key=lambda r: (held[r] + take[r], r))
+        take[r] += 1
+    return take
+
+
 def start_ranks(timeout_min=90.0):
     """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python train.py` is a world of one.
     timeout_min (--dist_timeout): how long a collective waits for the slowest rank."""
@@ -296,7 +309,8 @@ def receive_shards(policy, full, device):
 
     if dist.get_rank() != 0:
         policy.to_empty(device=device)
-    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(policy, full, options=options)
     for buffer in policy.buffers():
         dist.broadcast(buffer, src=0)
 

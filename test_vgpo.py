@@ -678,7 +678,8 @@ def hook_free_worker(model_dir, out):
     parallel.shard(policy, torch.device("cpu"))
     twin = parallel.sampling_copy(policy, args)
     assert twin is not policy and not parallel.fsdp_units(twin)
-    batch, images_per_row = rollout.encode_prompts(processor, [tiny.counting_example(4, i) for i in range(3)], "")
+    examples = [tiny.counting_example(4, i) for i in range(3)]
+    batch, images_per_row = rollout.encode_prompts(processor, examples, "")
     batch, _ = rollout.take_rows(batch, images_per_row, torch.arange(3).repeat_interleave(4))
     results = {}
     for name in ("fsdp", "twin"):
@@ -704,7 +705,8 @@ def hook_free_worker(model_dir, out):
                                                     bare=False, device=torch.device("cpu"), focus=True)
             if hook:
                 hook.remove()
-    assert calls == [] and [a["response"] for a in answers["fsdp"]] == [a["response"] for a in answers["twin"]]
+    assert calls == []
+    assert [a["response"] for a in answers["fsdp"]] == [a["response"] for a in answers["twin"]]
     for a, b in zip(answers["fsdp"], answers["twin"]):
         torch.testing.assert_close(a["focus"], b["focus"])
     if dist.get_rank() == 0:
@@ -734,7 +736,8 @@ def one_load_worker(model_dir, out):
     reads, original = [], AutoModelForImageTextToText.from_pretrained
     AutoModelForImageTextToText.from_pretrained = lambda *a, **k: reads.append(1) or original(*a, **k)
     args = train.parse_args(["--task", "count", "--model", model_dir, "--fsdp"])
-    model, processor, _ = models.load_model(model_dir, args, torch.device("cpu"), move=False, weights=rank == 0)
+    model, processor, _ = models.load_model(model_dir, args, torch.device("cpu"), move=False,
+                                            weights=rank == 0)
     assert all(p.is_meta for p in model.parameters()) == (rank == 1)
     policy = rollout.Policy(model)
     parallel.shard(policy, torch.device("cpu"), from_rank0=True)
@@ -1267,7 +1270,8 @@ def test_a_rank_without_informative_groups_runs_the_same_collectives(tiny_model_
     # and every drawn prompt is sampled (none is drawn by a rank that is full and thrown away)
     assert all(r["kept_groups"] == 8 and r["updates"] == 2 and r["tries"] == 2 for r in rows)
     positions = [0] + [r["data_position"] for r in rows]
-    assert [r["sampled_groups"] for r in rows] == [b - a for a, b in zip(positions, positions[1:])] == [24, 24]
+    drawn = [b - a for a, b in zip(positions, positions[1:])]
+    assert [r["sampled_groups"] for r in rows] == drawn == [24, 24]
     assert all(math.isfinite(r["psi_mean"]) for r in rows)
 
 
@@ -2158,14 +2162,15 @@ def test_a_later_sampling_round_draws_the_shortfall_over_the_keep_rate_split_ove
     assert train.round_size(512, 0, 512, 512) == 1024                     # nothing kept: capped at 2x
     parts = [parallel.my_part(10, parallel.Ranks(rank, 4)) for rank in range(4)]
     assert parts == [(0, 3), (3, 6), (6, 8), (8, 10)]
-    assert [parallel.my_part(3, parallel.Ranks(rank, 4)) for rank in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 3)]
+    parts = [parallel.my_part(3, parallel.Ranks(rank, 4)) for rank in range(4)]
+    assert parts == [(0, 1), (1, 2), (2, 3), (3, 3)]
 
 
 def test_the_groups_a_round_keeps_go_to_the_ranks_holding_the_fewest():
-    assert train.fair_shares([4, 4], [3, 1], 3) == [2, 1]
-    assert train.fair_shares([0, 6], [5, 5], 4) == [4, 0]
-    assert train.fair_shares([0, 0], [2, 1], 8) == [2, 1]                # fewer found than needed: all
-    assert train.fair_shares([0, 0, 0], [0, 9, 9], 6) == [0, 3, 3]
+    assert parallel.fair_shares([4, 4], [3, 1], 3) == [2, 1]
+    assert parallel.fair_shares([0, 6], [5, 5], 4) == [4, 0]
+    assert parallel.fair_shares([0, 0], [2, 1], 8) == [2, 1]                # fewer found than needed: all
+    assert parallel.fair_shares([0, 0, 0], [0, 9, 9], 6) == [0, 3, 3]
     # any counts: exactly min(need, found) kept, none beyond what a rank found, and the totals
     # as even as the found groups allow (a rank below the top was given all it had)
     import random
@@ -2174,7 +2179,7 @@ def test_the_groups_a_round_keeps_go_to_the_ranks_holding_the_fewest():
         held = [rng.randrange(6) for _ in range(4)]
         found = [rng.randrange(6) for _ in range(4)]
         need = rng.randrange(12)
-        take = train.fair_shares(held, found, need)
+        take = parallel.fair_shares(held, found, need)
         assert sum(take) == min(need, sum(found)) and all(0 <= t <= f for t, f in zip(take, found))
         totals = [h + t for h, t in zip(held, take)]
         top = max(t for t, k in zip(totals, take) if k) if any(take) else 0
@@ -2217,8 +2222,8 @@ def test_training_moves_credit_with_vgpo_and_not_without(tiny_model_dir, tmp_pat
 
 
 if __name__ == "__main__":          # the ranks of a torchrun test: python test_vgpo.py <worker> <args...>
-    workers = dict(fsdp_worker=fsdp_worker, hook_free_worker=hook_free_worker, one_load_worker=one_load_worker,
-                   hsdp_worker=hsdp_worker)
+    workers = dict(fsdp_worker=fsdp_worker, hook_free_worker=hook_free_worker,
+                   one_load_worker=one_load_worker, hsdp_worker=hsdp_worker)
     workers[sys.argv[1]](*sys.argv[2:])
 
 

@@ -165,28 +165,15 @@ def round_size(need, kept, drawn, rollout_batch):
     return min(math.ceil((need + 3 * math.sqrt(need * (1 - rate))) / rate), 2 * rollout_batch)
 
 
-def fair_shares(held, found, need):
-    """How many of each rank's new informative groups to keep: `need` in all (or every one
-    found, if fewer), given to the ranks holding the fewest so far, so that the update's
-    work is spread as evenly as the groups allow (FSDP runs as many passes as the busiest rank).
-    Example: held [4, 4], found [3, 1], need 3 -> [2, 1]; held [0, 6], found [5, 5], need 4 -> [4, 0]."""
-    take = [0] * len(held)
-    for _ in range(min(need, sum(found))):
-        # the rank with the fewest groups that still has a new one to give; ties go to the lower rank
-        r = min((r for r in range(len(held)) if take[r] < found[r]), key=lambda r: (held[r] + take[r], r))
-        take[r] += 1
-    return take
-
-
 def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows, budget=None):
     """DAPO dynamic sampling, pooled over ranks: rounds of sampling until ALL ranks
     together hold --rollout_batch informative groups (or --max_tries rounds have run).
 
     Each round draws round_size() prompts from the shared stream, split over the ranks;
     every drawn prompt is sampled. The informative groups found fill the shortfall, taken
-    from the ranks holding the fewest so far (fair_shares; each rank's first ones in stream
-    order), so the step keeps exactly --rollout_batch groups, chosen the same way on every
-    rank, and ranks may hold unequal numbers of them.
+    from the ranks holding the fewest so far (parallel.fair_shares; each rank's first in
+    stream order), so the step keeps exactly --rollout_batch groups, chosen the same way on
+    every rank, and ranks may hold unequal numbers of them.
     budget: the rows of each generate() call (sample). Returns this rank's kept groups as
     one Rollout, and the counts of COUNTED (plus "tries").
     """
@@ -207,7 +194,8 @@ def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows, bud
         # every rank's informative groups this round, in rank order: [3, 5] on 2 ranks
         per_rank = torch.zeros(ranks.world)
         per_rank[ranks.rank] = len(found) // args.group_size
-        take = fair_shares(held, [int(f) for f in ranks.reduce(per_rank)], need)   # the same on every rank
+        # what each rank keeps: computed alike on every rank from the same all-reduced counts
+        take = parallel.fair_shares(held, [int(f) for f in ranks.reduce(per_rank)], need)
         if take[ranks.rank]:
             kept.append(found.first_groups(take[ranks.rank] * args.group_size))
         held = [h + t for h, t in zip(held, take)]
@@ -496,9 +484,9 @@ def set_up(args):
     # the policy. fast_vision rewires the vision tower in every forward: its windows run as one
     # attention call per block, and each distinct image is encoded once, not once per response
     # under --fsdp only rank 0 reads the weights; the others receive their shards (parallel.shard)
-    model, processor, attention = models.load_model(resume_from or start_model, args, ranks.device,
-                                                    move=not args.fsdp, fast_vision=args.fast_vision,
-                                                    weights=ranks.master or not args.fsdp)
+    read, path = ranks.master or not args.fsdp, resume_from or start_model
+    model, processor, attention = models.load_model(path, args, ranks.device, move=not args.fsdp,
+                                                    fast_vision=args.fast_vision, weights=read)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False                   # training forwards never decode (generate() turns it on)
@@ -507,7 +495,7 @@ def set_up(args):
     policy, reference, units = rollout.Policy(model), None, 0
     if args.kl_coef > 0:                             # the reference is the starting model, never trained
         ref_model, _, _ = models.load_model(start_model, args, ranks.device, move=not args.fsdp,
-                                            fast_vision=args.fast_vision, weights=ranks.master or not args.fsdp)
+                                            fast_vision=args.fast_vision, weights=read)
         reference = rollout.Policy(ref_model.requires_grad_(False))
     if args.fsdp:
         units = parallel.shard(policy, ranks.device, args.fsdp_offload, from_rank0=True)
