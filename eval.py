@@ -400,6 +400,16 @@ def markdown_table(table, args):
 # -----------------------------------------------------------------------------
 # main: each checkpoint in turn, then one table (and one plot) for all of them
 
+def greedy_budget(model, args, device):
+    """On a GPU: what the loaded weights leave of its memory sizes each greedy call, as many
+    prompts as fit at their lengths, at most --batch (models.GenerationBudget). --focus
+    scores prompt and answer again after it, so a prompt token counts twice then."""
+    kv, prefill = models.token_costs(model.config)
+    total = torch.cuda.get_device_properties(device).total_memory
+    room = 0.95 * total - torch.cuda.memory_allocated(device)
+    return models.GenerationBudget(room, kv, prefill * (2 if args.focus else 1), cap=args.batch)
+
+
 def score_checkpoint(ckpt, cfg, names, args, rank, world, device):
     """Every benchmark of one checkpoint: summary.json and predictions.jsonl written to its
     output folder. Returns the summary {benchmark: {...}} and its mean focus curve."""
@@ -418,15 +428,7 @@ def score_checkpoint(ckpt, cfg, names, args, rank, world, device):
     # inference only: dropout (if any) off
     model.eval()
     args.batch = args.batch or (256 if gpu else 16)
-    budget = None
-    if gpu:
-        # what the weights leave of the GPU: each greedy call holds as many prompts as fit at
-        # their lengths (models.GenerationBudget); --focus scores prompt and answer again after
-        # it, so a prompt counts as prompt + answer tokens then
-        kv, prefill = models.token_costs(model.config)
-        total = torch.cuda.get_device_properties(device).total_memory
-        room = 0.95 * total - torch.cuda.memory_allocated(device)
-        budget = models.GenerationBudget(room, kv, prefill * (2 if args.focus else 1), cap=args.batch)
+    budget = greedy_budget(model, args, device) if gpu else None
     policy = rollout.Policy(model)                  # policy.generate / policy.score, as in training
     # the instruction the checkpoint was trained with, so that it is scored on its own prompt
     instruction = args.instruction if args.instruction is not None else (
