@@ -980,29 +980,37 @@ def lock_step_sampling(world, batch, rate, max_tries, rng):
                 sampled += share
                 # each sampled group is informative with probability `rate`; a rank keeps its share
                 kept[r] = min(share, kept[r] + sum(rng.random() < rate for _ in range(share)))
-    return rounds, drawn, sampled, sum(kept), rounds * share, max(kept)
+    # each rank's own groups were cut into the mini-batches: share / 4 of them in each
+    return rounds, drawn, sampled, sum(kept), rounds * share, max(kept), max(kept) // 4
 
 
-def pooled_sampling(world, batch, rate, max_tries, rng):
-    """train.collect_rollouts' rule: a round draws train.round_size prompts, split over the
-    ranks (parallel.my_part), all of them sampled; the ranks' informative groups pool, and
-    parallel.fair_shares gives the shortfall to the ranks holding the fewest."""
+def pooled_sampling(world, batch, rate, max_tries, rng, mini_batches=4):
+    """train.collect_rollouts' rule: a round draws train.round_size prompts, rank r samples
+    every world-th from the r-th, all of them; the ranks' informative groups pool, and
+    parallel.fair_shares gives the shortfall to the ranks holding the fewest (each rank's
+    first in stream order). Returns the counts of lock_step_sampling, plus the most groups
+    one rank holds in one of the update's mini-batches (cut in stream order)."""
     import train
 
-    held, drawn, rounds, busiest = [0] * world, 0, 0, 0
+    held, drawn, rounds, busiest, kept = [0] * world, 0, 0, 0, []
     while sum(held) < batch and rounds < max_tries:
         rounds += 1
-        # the same functions train.py calls: how many to draw, how they split over the ranks
+        # the same functions train.py calls: how many to draw, and which of them to keep
         n = train.round_size(batch - sum(held), sum(held), drawn, batch)
-        parts = [parallel.my_part(n, parallel.Ranks(r, world)) for r in range(world)]
-        # each rank samples all of its slice; each group informative with probability `rate`
-        found = [sum(rng.random() < rate for _ in range(end - start)) for start, end in parts]
-        # which of them are kept: the shortfall, to the ranks holding the fewest
-        take = parallel.fair_shares(held, found, batch - sum(held))
+        # each prompt of the round informative with probability `rate`; position p is rank p % world's
+        informative = [p for p in range(n) if rng.random() < rate]
+        found = [[drawn + p for p in informative if p % world == r] for r in range(world)]
+        take = parallel.fair_shares(held, [len(f) for f in found], batch - sum(held))
+        kept += [(pos, r) for r in range(world) for pos in found[r][:take[r]]]
         held = [h + t for h, t in zip(held, take)]
         drawn += n
-        busiest += max(end - start for start, end in parts)
-    return rounds, drawn, drawn, sum(held), busiest, max(held)
+        busiest += -(-n // world)                   # the ranks with one prompt more
+    # the update's mini-batches: the kept groups in stream order, cut into equal parts
+    order = [r for _, r in sorted(kept)]
+    parts = [order[k * len(order) // mini_batches:(k + 1) * len(order) // mini_batches]
+             for k in range(mini_batches)]
+    most = max(part.count(r) for part in parts for r in range(world))
+    return rounds, drawn, drawn, sum(held), busiest, max(held), most
 
 
 def recipe_table(steps=2000, rate=0.5):
@@ -1020,19 +1028,20 @@ def recipe_table(steps=2000, rate=0.5):
           f"simulated "
           f"steps (each group informative with probability {rate}):")
     print("| ranks | rule | rounds / step | prompts drawn / kept group | drawn, never sampled | full steps "
-          "| busiest rank's prompts / step | most groups on one rank (update) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| busiest rank's prompts / step | most groups on one rank | most on one rank in a mini-batch |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for world in (2, 4, 8):
         for name, rule in (("before: lock-step", lock_step_sampling), ("after: pooled", pooled_sampling)):
             # the same random draws for both rules: the difference is the rule's, not the luck's
             rng = random.Random(0)
             runs = [rule(world, batch, rate, tries, rng) for _ in range(steps)]
             # means over the simulated steps, one per column of the rule's result
-            rounds, drawn, sampled, kept, busiest, most = (statistics.mean(r[k] for r in runs)
-                                                           for k in range(6))
+            rounds, drawn, sampled, kept, busiest, most, most_mini = (statistics.mean(r[k] for r in runs)
+                                                                      for k in range(7))
             full = statistics.mean(r[3] == batch for r in runs)
             print(f"| {world} | {name} | {rounds:.2f} | {drawn / kept:.2f} | {1 - sampled / drawn:.1%} | "
-                  f"{full:.1%} | {busiest:.0f} | {most:.1f} (mean {batch // world}) |")
+                  f"{full:.1%} | {busiest:.0f} | {most:.1f} (mean {batch // world}) | {most_mini:.1f} "
+                  f"(mean {batch // world // 4}) |")
 
     # rows per generate() call: the 7B shape's memory plan on 80 GB, 8 ranks, --max_new_tokens 2048
     with torch.device("meta"):

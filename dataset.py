@@ -366,13 +366,14 @@ class BadRows:
         self.stop_past_max(self.total, drawn, first)
 
 
-def fetch_examples(data, indices, bad_rows, first_group=0, need_image=False):
+def fetch_examples(data, indices, bad_rows, first_group=0, need_image=False, stride=1):
     """The examples of rows `indices`, each bad row skipped and counted by `bad_rows` (or
     the run stopped). need_image (--fsdp): a text-only row is a bad row too, because every
     rank must run the sharded vision blocks in every forward.
 
-    Each example's "group" id is its position in the prompt stream (first_group + k):
-    unique across epochs, unlike the row index, so two draws of one row never merge.
+    Each example's "group" id is its position in the prompt stream (first_group + k x stride,
+    stride = the ranks, each of which takes every world-th prompt): unique across epochs,
+    unlike the row index, so two draws of one row never merge.
     Example: indices [7, 2], first_group 40 -> [{..., "row": 7, "group": 40}, {..., "row": 2, "group": 41}]
     """
     examples = []
@@ -392,7 +393,7 @@ def fetch_examples(data, indices, bad_rows, first_group=0, need_image=False):
                 f"vision blocks are sharded, and every rank must run them in each forward). Drop "
                 f"text-only rows, pass --skip_bad_rows to skip and count them, or train without --fsdp."))
             continue
-        example["group"], example["row"] = first_group + k, i
+        example["group"], example["row"] = first_group + k * stride, i
         examples.append(example)
     return examples
 

@@ -90,14 +90,6 @@ class Ranks:
         return [x for part in parts for x in part]
 
 
-def my_part(n, ranks):
-    """This rank's contiguous slice of a round's n prompts: sizes differ by at most one.
-    Example: n = 10 on 4 ranks -> [0, 3), [3, 6), [6, 8), [8, 10)."""
-    base, extra = divmod(n, ranks.world)
-    start = ranks.rank * base + min(ranks.rank, extra)
-    return start, start + base + int(ranks.rank < extra)
-
-
 def fair_shares(held, found, need):
     """How many of each rank's new informative groups to keep: `need` in all (or every one
     found, if fewer), given to the ranks holding the fewest so far, so that the update's

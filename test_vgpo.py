@@ -1253,6 +1253,15 @@ def _rank_reward_script(tmp_path):
         "        return [0.0] * len(texts)\n"
         "    return [float(k % 2) for k in range(len(texts))]\n"
         "rollout.accuracy_rewards = rewards\n"
+        # each rank's group ids (stream positions) of every round, one line a round
+        "import dataset, json\n"
+        "fetch = dataset.fetch_examples\n"
+        "def logged(*args, **kwargs):\n"
+        "    out = fetch(*args, **kwargs)\n"
+        f"    with open({str(tmp_path / 'groups.')!r} + os.environ['RANK'], 'a') as f:\n"
+        "        f.write(json.dumps([e['group'] for e in out]) + '\\n')\n"
+        "    return out\n"
+        "dataset.fetch_examples = logged\n"
         "train.main(sys.argv[1:])\n")
     return str(script)
 
@@ -1273,6 +1282,11 @@ def test_a_rank_without_informative_groups_runs_the_same_collectives(tiny_model_
     drawn = [b - a for a, b in zip(positions, positions[1:])]
     assert [r["sampled_groups"] for r in rows] == drawn == [24, 24]
     assert all(math.isfinite(r["psi_mean"]) for r in rows)
+    # each rank samples every other prompt of a round, so every stretch of the stream (and so
+    # every mini-batch) is spread over both ranks: rank 0 the even positions, rank 1 the odd
+    rounds = [[json.loads(line) for line in open(tmp_path / f"groups.{rank}")] for rank in (0, 1)]
+    assert rounds[0][:2] == [[0, 2, 4, 6], [8, 10, 12, 14, 16, 18, 20, 22]]
+    assert rounds[1][:2] == [[1, 3, 5, 7], [9, 11, 13, 15, 17, 19, 21, 23]]
 
 
 def test_text_only_and_mixed_batches_score_and_train(tiny_model, tiny_model_dir, tmp_path):
@@ -2155,15 +2169,15 @@ def test_two_draws_of_one_row_in_a_step_are_two_groups(tiny_model, tmp_path, mon
     assert len(roll.reward) == 32 and len(ids) == 8 and (counts == 4).all()
 
 
-def test_a_later_sampling_round_draws_the_shortfall_over_the_keep_rate_split_over_ranks():
+def test_a_later_sampling_round_draws_the_shortfall_over_the_keep_rate_strided_over_ranks():
     assert train.round_size(512, 0, 0, 512) == 512                       # the first round: the batch
     p = 300 / 512
     assert train.round_size(212, 300, 512, 512) == math.ceil((212 + 3 * math.sqrt(212 * (1 - p))) / p) == 410
     assert train.round_size(512, 0, 512, 512) == 1024                     # nothing kept: capped at 2x
-    parts = [parallel.my_part(10, parallel.Ranks(rank, 4)) for rank in range(4)]
-    assert parts == [(0, 3), (3, 6), (6, 8), (8, 10)]
-    parts = [parallel.my_part(3, parallel.Ranks(rank, 4)) for rank in range(4)]
-    assert parts == [(0, 1), (1, 2), (2, 3), (3, 3)]
+    # a rank's prompts are every world-th one from its rank on, each with its stream position
+    data = tiny.CountingTask(1, 10)
+    examples = dataset.fetch_examples(data, [5, 6, 7], dataset.BadRows("d", train.parse_args([])), 41, stride=4)
+    assert [e["group"] for e in examples] == [41, 45, 49] and [e["row"] for e in examples] == [5, 6, 7]
 
 
 def test_the_groups_a_round_keeps_go_to_the_ranks_holding_the_fewest():

@@ -119,10 +119,12 @@ COUNTED = ("long_prompts", "sampled_groups", "zero_std_groups", "reward_sum", "l
 
 
 def sample_groups(policy, processor, data, indices, first_group, args, ranks, bad_rows, counts, budget):
-    """One round on this rank: G responses for each prompt of `indices`, rewarded, and the
-    informative groups kept, in stream order. Adds this round's COUNTED to `counts`."""
+    """One round on this rank: G responses for each prompt of `indices` (stream positions
+    first_group, + world, + 2 world, ...), rewarded, and the informative groups kept, in
+    stream order. Adds this round's COUNTED to `counts`."""
     # bad rows are skipped and counted (or stop the run) by the ledger (dataset.py)
-    examples = dataset.fetch_examples(data, indices, bad_rows, first_group, need_image=args.fsdp)
+    examples = dataset.fetch_examples(data, indices, bad_rows, first_group, need_image=args.fsdp,
+                                      stride=ranks.world)
     batch, images_per_row, examples, n_long = encode_examples(processor, examples, args) if examples \
         else (None, None, [], 0)
     counts["long_prompts"] += n_long
@@ -185,12 +187,13 @@ def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows, bud
         parallel.entering(f"rollout, sampling round {tries}")      # named if a collective times out
         need = args.rollout_batch - n_kept
         n = round_size(need, n_kept, drawn, args.rollout_batch)
-        # every rank takes the same n from the shared stream and samples its own slice; a
-        # group's id is its prompt's position in the stream: unique across epochs and ranks
+        # every rank takes the same n from the shared stream and samples every world-th prompt,
+        # from its own rank on: any stretch of the stream, and so every mini-batch (cut in
+        # stream order, mini_batch_rows), is spread evenly over the ranks. A group's id is its
+        # prompt's position in the stream: unique across epochs and ranks
         first, indices = stream.position, stream.take(n)
-        start, end = parallel.my_part(n, ranks)
-        found = sample_groups(policy, processor, data, indices[start:end], first + start, args, ranks,
-                              bad_rows, counts, budget)
+        found = sample_groups(policy, processor, data, indices[ranks.rank::ranks.world], first + ranks.rank,
+                              args, ranks, bad_rows, counts, budget)
         # every rank's informative groups this round, in rank order: [3, 5] on 2 ranks
         per_rank = torch.zeros(ranks.world)
         per_rank[ranks.rank] = len(found) // args.group_size
