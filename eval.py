@@ -403,11 +403,13 @@ def markdown_table(table, args):
 def greedy_budget(model, args, device):
     """On a GPU: what the loaded weights leave of its memory sizes each greedy call, as many
     prompts as fit at their lengths, at most --batch (models.GenerationBudget). --focus
-    scores prompt and answer again after it, so a prompt token counts twice then."""
+    scores prompt and answer again after it: a prompt token counts twice then, and each
+    row carries the scoring forward's logits (models.scoring_bytes)."""
     kv, prefill = models.token_costs(model.config)
     total = torch.cuda.get_device_properties(device).total_memory
     room = 0.95 * total - torch.cuda.memory_allocated(device)
-    return models.GenerationBudget(room, kv, prefill * (2 if args.focus else 1), cap=args.batch)
+    per_row = models.scoring_bytes(model.config) if args.focus else 0
+    return models.GenerationBudget(room, kv, prefill * (2 if args.focus else 1), args.batch, per_row)
 
 
 def score_checkpoint(ckpt, cfg, names, args, rank, world, device):

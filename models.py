@@ -283,11 +283,12 @@ class GenerationBudget:
     prompt token and 56 KiB a new token: 140 rows a call at 1,000-token prompts, 41 at 4,096.
     """
 
-    def __init__(self, room, kv_per_token, prefill_per_token, cap):
+    def __init__(self, room, kv_per_token, prefill_per_token, cap, per_row=0):
         self.room, self.kv, self.prefill, self.cap = room, kv_per_token, prefill_per_token, cap
+        self.per_row = per_row              # bytes a row costs whatever its length (scoring_bytes)
 
     def row_bytes(self, prompt_len, new_tokens):
-        return self.kv * (prompt_len + new_tokens) + self.prefill * prompt_len
+        return self.kv * (prompt_len + new_tokens) + self.prefill * prompt_len + self.per_row
 
     def rows(self, prompt_len, new_tokens, cap=None):
         """Rows a call may hold when its longest prompt has prompt_len tokens (at most cap,
@@ -326,6 +327,13 @@ def token_costs(config):
     vision_block = v_hidden * 10 + 3 * getattr(vision, "intermediate_size", 4 * v_hidden)
     text_layer = text.hidden_size * 10 + 3 * text.intermediate_size
     return kv_per_token, 2 * max(text_layer, getattr(vision, "spatial_merge_size", 2) ** 2 * vision_block)
+
+
+def scoring_bytes(config, chunk=512):
+    """What the focus / log-prob forward after a greedy call (eval --focus, --val_focus) adds
+    per row: the fp32 logits of one `chunk` of positions, about 3 live copies of them.
+    Example: Qwen2.5-VL-7B (vocabulary 152,064) -> 0.93 GB a row."""
+    return 3 * 4 * chunk * config.get_text_config().vocab_size
 
 
 def memory_plan(config, n_params, n_trainable, args, world, capacity=0):
@@ -462,7 +470,10 @@ def check_memory_plan(path, args, ranks):
     """Plan the memory of the model at `path` for these flags, print the plan (rank 0) and
     stop, naming the flag to lower, when it cannot fit the device. Returns the plan's
     GenerationBudget: the rows of each generate() call."""
-    plan, capacity = plan_memory(path, args, ranks.world, ranks.device)
+    import parallel                                     # parallel imports this file
+
+    # FSDP shards over a node's ranks on several nodes (HSDP), over all of them on one
+    plan, capacity = plan_memory(path, args, parallel.shard_group_size(ranks.world), ranks.device)
     if ranks.master:
         print(format_plan(plan, capacity, args))
     check_memory(plan, capacity, args)

@@ -139,14 +139,17 @@ def timed_out(error):
     """The message for a collective that timed out, naming the phase; None for other errors.
     Gloo raises RuntimeError("... Timed out waiting 5400000ms for recv ..."); NCCL's DistError
     says "timeout" or "Watchdog caught collective operation timeout"."""
-    text = str(error).lower()
-    if not dist.is_initialized() or ("timed out" not in text and "timeout" not in text):
+    text = str(error)
+    collective = isinstance(error, dist.DistError) and "timeout" in text.lower()
+    if not dist.is_initialized() or not (collective or "Timed out waiting" in text
+                                         or "Watchdog caught collective operation timeout" in text):
         return None
     minutes = (time.time() - PHASE["since"]) / 60
     return (f"rank {dist.get_rank()}: a collective timed out after --dist_timeout {PHASE['timeout_min']:g} "
             f"min, in the phase '{PHASE['name']}' (begun {minutes:.1f} min before). Another rank is slower "
             f"there or has stopped: read its log first. If the phase is only long (a 7B checkpoint, a long "
-            f"sampling round), raise --dist_timeout and continue with --resume.")
+            f"sampling round), raise --dist_timeout and continue with --resume.\n"
+            f"  (the error: {text.strip().splitlines()[0][:300]})")
 
 
 def stop_ranks():
@@ -261,7 +264,7 @@ def shard(policy, device, offload=False, from_rank0=False):
         fully_shard(block, **options)
     fully_shard(policy, **options)
     if from_rank0:
-        receive_shards(policy, full, torch.device("cpu") if offload else device)
+        receive_shards(policy, full, torch.device("cpu") if offload else device, device)
         del full
     for method in ("generate", "score"):
         register_fsdp_forward_method(policy, method)
@@ -280,11 +283,18 @@ def node_mesh(device):
     shards of a mini-batch cross the network, as one all-reduce between the node replicas.
     Example: 2 nodes x 8 GPUs -> mesh (2, 8); each rank holds 1/8 of the weights, not 1/16."""
     world = dist.get_world_size()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if per_node >= world or world % per_node:
+    per_node = shard_group_size(world)
+    if per_node == world:
         return None
     from torch.distributed.device_mesh import init_device_mesh
     return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def shard_group_size(world):
+    """The ranks FSDP shards the weights over: all of them on one node, the ranks of one node
+    on several (node_mesh); the memory plan divides by this, not by the world."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return world if per_node >= world or world % per_node else per_node
 
 
 def mesh_shape(policy):
@@ -293,18 +303,23 @@ def mesh_shape(policy):
     return tuple(params[0].device_mesh.shape) if params and params[0].device_mesh.ndim == 2 else None
 
 
-def receive_shards(policy, full, device):
+def receive_shards(policy, full, device, compute):
     """Rank 0 sends each weight (`full`, its state dict) and every rank keeps its own shard
     of it; then rank 0's buffers (the rotary frequencies, not in a state dict) go to all.
-    The other ranks' shards are on the meta device until here: to_empty gives them memory."""
+    The other ranks' shards are on the meta device until here: to_empty gives them memory
+    on `device` (the CPU under --fsdp_offload); buffers go to `compute`, the rank's GPU."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if dist.get_rank() != 0:
         policy.to_empty(device=device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(policy, full, options=options)
-    for buffer in policy.buffers():
-        dist.broadcast(buffer, src=0)
+    for module in policy.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            # on the compute device on every rank (fully_shard put rank 0's there; to_empty put
+            # an offloading rank's on the CPU), so that one backend carries every broadcast
+            module._buffers[name] = buffer = buffer.to(compute)
+            dist.broadcast(buffer, src=0)
 
 
 def fsdp_units(module):

@@ -789,6 +789,26 @@ def hsdp_worker(model_dir, out):
     dist.destroy_process_group()
 
 
+def test_on_several_nodes_the_memory_plan_divides_by_the_ranks_of_one_node(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert parallel.shard_group_size(16) == 8 and parallel.shard_group_size(8) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert parallel.shard_group_size(16) == 16                # no even 2-D mesh: one flat mesh
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert parallel.shard_group_size(4) == 4
+
+
+def test_a_greedy_call_that_is_scored_after_holds_fewer_rows():
+    from transformers import Qwen2_5_VLConfig
+    config = Qwen2_5_VLConfig(**qwen25_vl_7b_config().to_dict())
+    assert models.scoring_bytes(config) == 3 * 4 * 512 * 152064
+    kv, prefill = models.token_costs(config)
+    plain = models.GenerationBudget(40 * 2**30, kv, prefill, cap=256)
+    scored = models.GenerationBudget(40 * 2**30, kv, 2 * prefill, 256, models.scoring_bytes(config))
+    assert 1 <= scored.rows(1024, 2048) < plain.rows(1024, 2048) / 2
+    assert scored.rows(1024, 2048) * scored.row_bytes(1024, 2048) <= 40 * 2**30
+
+
 def test_on_two_nodes_fsdp_shards_within_a_node_and_matches_one_process(tiny_model_dir, tmp_path):
     # two torchrun launches of 2 ranks each, as two nodes of one job (--nnodes 2)
     out = str(tmp_path / "hsdp.pt")
@@ -2176,7 +2196,8 @@ def test_a_later_sampling_round_draws_the_shortfall_over_the_keep_rate_strided_o
     assert train.round_size(512, 0, 512, 512) == 1024                     # nothing kept: capped at 2x
     # a rank's prompts are every world-th one from its rank on, each with its stream position
     data = tiny.CountingTask(1, 10)
-    examples = dataset.fetch_examples(data, [5, 6, 7], dataset.BadRows("d", train.parse_args([])), 41, stride=4)
+    bad_rows = dataset.BadRows("d", train.parse_args([]))
+    examples = dataset.fetch_examples(data, [5, 6, 7], bad_rows, 41, stride=4)
     assert [e["group"] for e in examples] == [41, 45, 49] and [e["row"] for e in examples] == [5, 6, 7]
 
 

@@ -157,9 +157,8 @@ def sample_groups(policy, processor, data, indices, first_group, args, ranks, ba
 def round_size(need, kept, drawn, rollout_batch):
     """Prompts the next round of dynamic sampling draws, all ranks together: the first round
     draws --rollout_batch; a later one the shortfall over the keep rate p seen so far in this
-    step, plus 3 standard deviations of a binomial count, so that a round falls short about
-    1 time in 700 (a round costs about as long at any size: its longest response). At most
-    twice --rollout_batch: a step that keeps nothing does not explode.
+    step, plus 3 standard deviations of a binomial count (a round falls short about 1 time
+    in 700), at most twice --rollout_batch (a step that keeps nothing does not explode).
     Example: 212 wanted, 300 kept of 512 drawn (p = 0.59) -> (212 + 3 sqrt(212 x 0.41)) / p = 410."""
     if drawn == 0:
         return need
@@ -177,20 +176,16 @@ def collect_rollouts(policy, processor, data, stream, args, ranks, bad_rows, bud
     stream order), so the step keeps exactly --rollout_batch groups, chosen the same way on
     every rank, and ranks may hold unequal numbers of them.
     budget: the rows of each generate() call (sample). Returns this rank's kept groups as
-    one Rollout, and the counts of COUNTED (plus "tries").
-    """
+    one Rollout, and the counts of COUNTED (plus "tries")."""
     kept, counts = [], dict.fromkeys(COUNTED, 0.0)
     n_kept, drawn, tries = 0, 0, 0                       # all ranks together: the same on every rank
     held = [0] * ranks.world                             # each rank's kept groups, known to every rank
     while n_kept < args.rollout_batch and tries < args.max_tries:
-        tries += 1
+        tries, need = tries + 1, args.rollout_batch - n_kept
         parallel.entering(f"rollout, sampling round {tries}")      # named if a collective times out
-        need = args.rollout_batch - n_kept
         n = round_size(need, n_kept, drawn, args.rollout_batch)
-        # every rank takes the same n from the shared stream and samples every world-th prompt,
-        # from its own rank on: any stretch of the stream, and so every mini-batch (cut in
-        # stream order, mini_batch_rows), is spread evenly over the ranks. A group's id is its
-        # prompt's position in the stream: unique across epochs and ranks
+        # every rank takes the same n from the shared stream and samples every world-th prompt
+        # from its rank on, so every mini-batch (cut in stream order) spreads over the ranks
         first, indices = stream.position, stream.take(n)
         found = sample_groups(policy, processor, data, indices[ranks.rank::ranks.world], first + ranks.rank,
                               args, ranks, bad_rows, counts, budget)
@@ -379,8 +374,10 @@ def validate(run, args):
     the step before, and accuracy on blank images of prior prompts (see below)."""
     parallel.entering("validation")
     policy, processor, data, ranks = run.policy, run.processor, run.val_data, run.ranks
-    # the memory plan's room (its rows at the prompts' lengths), at most --val_batch prompts a call
-    budget = models.GenerationBudget(run.budget.room, run.budget.kv, run.budget.prefill, args.val_batch)
+    # the memory plan's room at the prompts' lengths, at most --val_batch prompts a call (with
+    # --val_focus each row also carries the scoring forward's logits)
+    budget = models.GenerationBudget(run.budget.room, run.budget.kv, run.budget.prefill, args.val_batch,
+                                     models.scoring_bytes(policy.model.config) if args.val_focus else 0)
     policy.eval()
     chain = args.task == "colour" and args.val_data == "synthetic"
     # every rank answers every world-th example; the sums are reduced over ranks at the end
