@@ -624,6 +624,15 @@ def run_quietly(cmd, threads, log):
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
+def train_then_eval(out, seed, train_flags, eval_flags, first=""):
+    """One run of sections 7 and 10, as a shell command: train (resumed if it was cut off),
+    score the final checkpoint (after `first`, e.g. the warm start) with eval.py, and mark
+    the run done, so that a finished run is reused."""
+    ckpts = f"{first} {out}" if first else out
+    return (f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume {' '.join(train_flags)}"
+            f" && {sys.executable} eval.py --ckpt {ckpts} {eval_flags} && touch {out}/eval_done")
+
+
 def run_all(runs, jobs, threads):
     """Run (label, out, command) triples, `jobs` at a time, each command's output in out/log.txt;
     stop at the first that fails."""
@@ -682,10 +691,7 @@ def vgpo_vs_dapo(seeds, runs_dir, jobs):
         os.makedirs(out, exist_ok=True)
         # train (resumed if it was cut off), then score the final checkpoint with eval.py
         runs.append((f"{method} seed {seed}", out,
-                     f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume "
-                     f"{' '.join(methods[method])}"
-                     f" && {sys.executable} eval.py --ckpt {out} --image_ablation blank --focus"
-                     f" && touch {out}/eval_done"))
+                     train_then_eval(out, seed, methods[method], "--image_ablation blank --focus")))
     run_all(runs, jobs, threads)
     results = {m: [read_run(os.path.join(runs_dir, f"{m.lower()}-{s}")) for s in range(seeds)]
                for m in methods}
@@ -793,11 +799,10 @@ def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500, arms=None):
                 shutil.copytree(os.path.join(runs_dir, f"warm-{seed}", part), os.path.join(out, part))
         # 500 held-out prompts, validated every 50 steps; then eval.py scores the warm start and the
         # final checkpoint with --focus (the focus / image dependence correlation)
+        train_flags = ["--val_size", str(val_size), "--val_every", "50", "--max_steps", str(steps),
+                       *arms[arm]]
         runs.append((f"{arm} seed {seed}", out,
-                     f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume "
-                     f"--val_size {val_size} --val_every 50 --max_steps {steps} {' '.join(arms[arm])}"
-                     f" && {sys.executable} eval.py --ckpt {out}/tiny-init-warm {out} --focus"
-                     f" && touch {out}/eval_done"))
+                     train_then_eval(out, seed, train_flags, "--focus", first=f"{out}/tiny-init-warm")))
     run_all(runs, jobs, threads)
     results = {arm: [forgetting_run(os.path.join(runs_dir, f"{slug(arm)}-{s}")) for s in range(seeds)]
                for arm in arms}

@@ -280,7 +280,7 @@ class GenerationBudget:
     share of prefill's transient, prompt tokens x prefill bytes a token. Rows of a call are
     padded to its longest prompt, so rows are packed shortest prompt first.
     Example (Qwen2.5-VL-7B, paper7b on 8 x 80 GB): about 49 GiB of room, 56 KiB + 181 KiB a
-    prompt token and 56 KiB a new token: 140 rows a call at 1,000-token prompts, 41 at 4,096.
+    prompt token and 56 KiB a new token: 143 rows a call at 1,024-token prompts, 47 at 4,096.
     """
 
     def __init__(self, room, kv_per_token, prefill_per_token, cap, per_row=0):
@@ -470,7 +470,7 @@ def check_memory_plan(path, args, ranks):
     """Plan the memory of the model at `path` for these flags, print the plan (rank 0) and
     stop, naming the flag to lower, when it cannot fit the device. Returns the plan's
     GenerationBudget: the rows of each generate() call."""
-    import parallel                                     # parallel imports this file
+    import parallel                                     # imported here: parallel imports this file
 
     # FSDP shards over a node's ranks on several nodes (HSDP), over all of them on one
     plan, capacity = plan_memory(path, args, parallel.shard_group_size(ranks.world), ranks.device)

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import dataset
+import models
 import rollout
 
 
@@ -419,7 +420,6 @@ def sampling_copy(policy, args):
     float32: the policy itself. Under --fsdp: hook_free_twin, the policy's architecture
     without FSDP, into which sampling_weights binds the gathered weights.
     """
-    import models                                       # models imports this file
 
     model = policy.model
     name = args.sample_dtype
@@ -452,7 +452,6 @@ def hook_free_twin(policy, args):
     without them: sampling_weights makes its parameters the very tensors that full_weights
     gathered (bf16 on a GPU), so there is no second copy either.
     """
-    import models                                       # models imports this file
     from transformers import AutoModelForImageTextToText
 
     model = policy.model
