@@ -15,6 +15,7 @@ dataset.py; train.py receives examples {"problem", "answer", "images"}):
   ---- greedy answers ---- validation's and eval.py's one scorer, and early / late focus
 """
 
+import functools
 import math
 import re
 
@@ -343,6 +344,9 @@ def extract_answer(response, bare=False):
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _OPTION = re.compile(r"^\(?([A-Z])\)?(?:$|[\s.:)]\s*(.*)$)", re.S)
 _LOWER_OPTION = re.compile(r"^\(?([a-z])\)?$")
+# a word of letters and digits that has both, e.g. the colour task's chain "r2g1b3": math-verify
+# reads it as a product of symbols, r*2*g*1*b*3 = 6rgb, and so accepts "r1g2b3" or "g1r2b3"
+_WORD = re.compile(r"(?=.*[A-Za-z])(?=.*\d)[A-Za-z0-9]+")
 _LATEX_WRAPPER = re.compile(r"^\\(?:text|textbf|textrm|mathrm|mathbf|rm|bf)\s*\{(.*)\}$", re.S)
 
 
@@ -366,17 +370,27 @@ def grade(answer, gold):
     agrees (gold first, as its signature expects), or the gold is one option letter and
     the answer is that letter, alone or followed by its option text ("B", "(B)",
     "B. 12 cm"), in LaTeX ("\\text{B}") or lower case ("b"; see option_letter). Never a
-    substring test: "NONE" contains "E" but is not option E.
+    substring test: "NONE" contains "E" but is not option E. Two words of letters and digits
+    (the colour task's "r2g1b3") match only exactly: the math graders read them as products.
     """
     if answer is None:
         return False
-    answer, gold = answer.strip(), str(gold).strip()
+    return _grade_text(answer.strip(), str(gold).strip())
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _grade_text(answer, gold):
+    """grade on two stripped strings, each pair decided once: math-verify runs sympy's simplify
+    on a wrong answer like "r2g2b3" (a product of symbols), about 20 ms, and a group's answers
+    repeat. On the embedded default that was over half of a training step's time."""
     if answer == gold:
         return True
     if _NUMBER.fullmatch(answer) and _NUMBER.fullmatch(gold):
         return float(answer) == float(gold)         # two plain numbers: no grader needed
     if re.fullmatch(r"\(?[A-Z]\)?", gold):
         return option_letter(answer) == gold.strip("()")
+    if _WORD.fullmatch(answer) and _WORD.fullmatch(gold):
+        return False                                # two different words of letters and digits
     from mathruler.grader import grade_answer
     if grade_answer(answer, gold):
         return True

@@ -530,6 +530,31 @@ def test_grading_extracts_the_last_box_and_uses_the_graders():
     assert rollout.extract_answer("I think 3", bare=True) == "3"
 
 
+def test_a_chain_of_counts_is_graded_exactly_not_as_a_product_of_symbols():
+    # math-verify reads "r1g2b3" as r*1*g*2*b*3 = 6rgb, the same product as the gold's r*2*g*1*b*3:
+    # a wrong chain of the colour task, or its steps in another order, must not be rewarded
+    for wrong in ("r1g2b3", "r3g1b2", "g1r2b3", "r6g1b1", "R2G1B3"):
+        assert not rollout.grade(wrong, "r2g1b3"), wrong
+    assert rollout.grade("r2g1b3", "r2g1b3") and rollout.grade(" r2g1b3 ", "r2g1b3")
+    assert rollout.accuracy_rewards(["\\boxed{r1g2b3}", "\\boxed{r2g1b3}"], ["r2g1b3"] * 2) == [0.0, 1.0]
+    # the math graders still decide everything else
+    assert rollout.grade("\\frac{1}{2}", "0.5") and rollout.grade("x^2+1", "1+x^2")
+
+
+def test_a_pair_graded_once_is_not_sent_to_the_math_graders_again(monkeypatch):
+    # math-verify runs sympy on every pair it is given, some milliseconds each, and the answers
+    # of a group repeat: grade remembers each (answer, gold) pair it has decided
+    import math_verify
+    calls = []
+    verify = math_verify.verify
+    monkeypatch.setattr(math_verify, "verify", lambda *a, **k: calls.append(a) or verify(*a, **k))
+    rollout._grade_text.cache_clear()
+    results = [rollout.grade("\\sqrt{5}", "2") for _ in range(5)] + [rollout.grade("\\sqrt{6}", "2")]
+    assert results == [False] * 6 and len(calls) == 2, "each new pair once, a repeated one never"
+    assert rollout.grade("\\frac{1}{2}", 0.5), "a gold that is not a string is graded as its text"
+    assert rollout._grade_text.cache_info().hits == 4
+
+
 def test_a_few_training_steps_change_the_weights_and_keep_losses_finite(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
     out = str(tmp_path / "run")
