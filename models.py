@@ -184,9 +184,11 @@ def distinct_images(pixel_values, grid_thw, lookback=4):
     """Which images of a batch are copies of an earlier one, found by exact comparison.
 
     A rollout repeats each prompt G times, so its images arrive as A A A B B B ... (or
-    A B A B ... for a two-image prompt). Each image is compared, patch by patch, with
-    the `lookback` images before it; a copy points to the earlier image, and pointer
-    jumping takes every copy to its first occurrence.
+    A B A B ... for a two-image prompt). Each image is compared, patch by patch, with the
+    image j before it, j = 1 .. `lookback`, nearest first; a copy points to the earlier image,
+    and pointer jumping takes every copy to its first occurrence. Only the images still
+    without an earlier copy go on to the next j, so a rollout's pixels are read about once
+    (all but the first copy match at j = 1), not `lookback` times.
     Returns first (n,) long: the index of the first occurrence of each image.
     Example: images A A B A' B, A' == A -> first [0, 0, 2, 0, 2] (A' via the lookback).
     """
@@ -198,14 +200,27 @@ def distinct_images(pixel_values, grid_thw, lookback=4):
     offset = torch.arange(pixel_values.shape[0], device=dev) - start[image]  # (P,) place in its image
     index = torch.arange(n, device=dev)
     parent = index.clone()
-    for j in range(min(lookback, n - 1), 0, -1):                             # the nearest copy wins
+    unmatched = torch.ones(n, dtype=torch.bool, device=dev)                  # no earlier copy found yet
+    for j in range(1, min(lookback, n - 1) + 1):                             # the nearest copy wins
         other = (index - j).clamp(min=0)                                     # (n,)
-        comparable = (index >= j) & (grid_thw[other] == grid_thw).all(dim=1)
-        # each patch against the same patch of image i - j (or itself where not comparable)
-        partner = torch.where(comparable[image], start[other][image] + offset, offset + start[image])
-        same_patch = (pixel_values == pixel_values[partner]).all(dim=1)       # (P,)
-        same = torch.ones(n, dtype=torch.bool, device=dev).scatter_reduce(0, image, same_patch, "amin")
-        parent = torch.where(comparable & same, other, parent)
+        candidate = unmatched & (index >= j) & (grid_thw[other] == grid_thw).all(dim=1)
+        if bool(candidate.all() if j > 1 else candidate[1:].all()) and bool((patches == patches[0]).all()):
+            # every image a candidate, all of one size (a synthetic rollout): image i's patches lie
+            # exactly j images after image i - j's, so one shifted comparison, no gather
+            grid = pixel_values.view(n, int(patches[0]), -1)                     # (n, patches, D)
+            same = torch.zeros(n, dtype=torch.bool, device=dev)
+            same[j:] = (grid[j:] == grid[:-j]).flatten(1).all(dim=1)
+        else:
+            mine = candidate[image].nonzero().squeeze(1)                     # (p,) the candidates' patches
+            if len(mine) == 0:
+                continue
+            # each of those patches against the same patch of image i - j
+            partner = start[other[image[mine]]] + offset[mine]
+            same_patch = (pixel_values[mine] == pixel_values[partner]).all(dim=1)    # (p,)
+            same = torch.ones(n, dtype=torch.bool, device=dev).scatter_reduce(0, image[mine], same_patch, "amin")
+        match = candidate & same
+        parent = torch.where(match, other, parent)
+        unmatched &= ~match
     for _ in range(max(1, math.ceil(math.log2(max(n, 2))))):                 # pointer jumping to the root
         parent = parent[parent]
     return parent

@@ -2723,6 +2723,35 @@ def test_distinct_images_finds_copies_by_exact_comparison():
     assert first.tolist() == [0, 0, 2, 0, 2, 5, 6]
 
 
+def naive_distinct_images(images, grids, lookback=4):
+    """The first occurrence of each image, one pair of whole images at a time: the nearest of
+    the `lookback` images before it that is equal (same grid, same values), then that one's."""
+    first = []
+    for i, (image, grid) in enumerate(zip(images, grids)):
+        match = next((i - j for j in range(1, min(lookback, i) + 1)
+                      if grids[i - j] == grid and torch.equal(images[i - j], image)), None)
+        first.append(i if match is None else first[match])
+    return first
+
+
+def test_distinct_images_matches_a_pairwise_loop_on_rollout_batches():
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        # a rollout: prompts of 1 or 2 images repeated G times; some images reused across prompts;
+        # from trial 10 on all of one size (distinct_images' shifted comparison)
+        pool = [torch.randn(4 if k % 3 or trial >= 10 else 2, 6, generator=gen) for k in range(5)]
+        pool.append(pool[1].clone())
+        pool[-1][-1, -1] += 1e-6                                         # a near-copy: its own image
+        grid_of = lambda x: [1, 2, 2] if len(x) == 4 else [1, 1, 2]
+        images = []
+        for _ in range(3):
+            picks = torch.randint(0, 6, (1 + trial % 2,), generator=gen).tolist()
+            images += [pool[k] for k in picks] * (2 + trial % 3)
+        grids = [grid_of(x) for x in images]
+        got = models.distinct_images(torch.cat(images), torch.tensor(grids)).tolist()
+        assert got == naive_distinct_images(images, grids), trial
+
+
 def test_a_checkpoint_written_before_task_and_sample_dtype_existed_resumes_as_it_ran(tiny_model_dir,
                                                                                       tmp_path):
     out = str(tmp_path / "run")
