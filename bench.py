@@ -51,6 +51,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,7 @@ import checkpoints
 import dataset
 import models
 import parallel
+import rollout
 import vgpo
 from test_vgpo import naive_visual_focus, naive_vgpo_advantages
 
@@ -1020,8 +1022,6 @@ def pooled_sampling(world, batch, rate, max_tries, rng, mini_batches=4):
 
 def recipe_table(steps=2000, rate=0.5):
     """Section 11: print the counts, before and after, for the paper's recipe."""
-    import random
-
     import tiny
     import train
     from test_vgpo import qwen25_vl_7b_config
@@ -1154,6 +1154,47 @@ fast = timed(lambda: vgpo.visual_focus(resp, prompt, image_mask), args.repeats)
 slow = timed(lambda: naive_visual_focus(resp, prompt, image_mask), 1)
 rows.append((f"visual_focus {Nf}x{Tf}, D={D}, cosine loop", fast, slow))
 
+# ---- 2b. grading one rollout round of the colour task: rollout.grade vs the math graders ----
+def math_graders(answer, gold):
+    """The grading rollout.grade replaced: a pair that is neither the same string nor two
+    numbers goes to mathruler, then to math-verify, every time it is seen."""
+    from mathruler.grader import grade_answer
+    from math_verify import parse, verify
+    if answer == gold or grade_answer(answer, gold):
+        return True
+    try:
+        return bool(verify(parse(f"${gold}$"), parse(f"${answer}$")))
+    except Exception:
+        return False
+
+
+def wrong_chain(gold, rng):
+    """A wrong answer to a chain "r2g1b3": 3 times in 4 one count changed ("r2g2b3"), otherwise
+    two counts swapped ("r1g2b3"; one count changed where all three are equal)."""
+    counts = [gold[1], gold[3], gold[5]]
+    a, b = rng.sample(range(3), 2)
+    if rng.random() < 0.25 and counts[a] != counts[b]:
+        counts[a], counts[b] = counts[b], counts[a]
+    else:
+        counts[a] = rng.choice([n for n in "123" if n != counts[a]])
+    return "".join(f"{c}{n}" for c, n in zip("rgb", counts))
+
+
+# 64 prompts x 8 responses, as in a round of the default job: 6 in 10 answers right
+grade_rng = random.Random(0)
+golds = ["".join(f"{c}{grade_rng.randint(1, 3)}" for c in "rgb") for _ in range(64) for _ in range(8)]
+answers = [g if grade_rng.random() < 0.6 else wrong_chain(g, grade_rng) for g in golds]
+
+
+def grade_round():
+    rollout._grade_text.cache_clear()           # a fresh cache: the first round of a run
+    return [rollout.grade(a, g) for a, g in zip(answers, golds)]
+
+
+grade_fast = timed(grade_round, args.repeats)
+grade_slow = timed(lambda: [math_graders(a, g) for a, g in zip(answers, golds)], 0)
+accepted_wrong = sum(math_graders(a, g) for a, g in zip(answers, golds) if a != g)
+
 # ---- report: the math ----
 # the thread count matters: the vectorised calls use every torch thread, the loops one
 print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -1162,6 +1203,18 @@ print(f"| {'benchmark':<48} | {'vectorised':>11} | {'naive loop':>11} | {'speed-
 print(f"|{'-' * 50}|{'-' * 13}|{'-' * 13}|{'-' * 11}|")
 for what, fast, slow in rows:
     print(f"| {what:<48} | {fast * 1e3:>8.2f} ms | {slow * 1e3:>8.1f} ms | {slow / fast:>8.0f}x |")
+print()
+print(f"| {'grading ' + str(len(golds)) + ' colour answers (one round)':<48} | {'rollout.grade':>13} | "
+      f"{'math graders':>12} | {'speed-up':>9} |")
+print(f"|{'-' * 50}|{'-' * 15}|{'-' * 14}|{'-' * 11}|")
+print(f"| {'time, a fresh cache':<48} | {grade_fast * 1e3:>10.1f} ms | {grade_slow * 1e3:>9.0f} ms | "
+      f"{grade_slow / grade_fast:>8.0f}x |")
+# the correctness side of the same pairs: a wrong chain graded right is a wrong reward
+graded = grade_round()
+wrong_right = sum(ok for ok, a, g in zip(graded, answers, golds) if a != g)
+n_wrong = sum(a != g for a, g in zip(answers, golds))
+label = f"wrong chains graded right, of {n_wrong}"
+print(f"| {label:<48} | {wrong_right:>13} | {accepted_wrong:>12} | {'':>9} |")
 
 if args.skip_children:
     sys.exit(0)

@@ -217,7 +217,8 @@ def distinct_images(pixel_values, grid_thw, lookback=4):
             # each of those patches against the same patch of image i - j
             partner = start[other[image[mine]]] + offset[mine]
             same_patch = (pixel_values[mine] == pixel_values[partner]).all(dim=1)    # (p,)
-            same = torch.ones(n, dtype=torch.bool, device=dev).scatter_reduce(0, image[mine], same_patch, "amin")
+            same = torch.ones(n, dtype=torch.bool, device=dev)
+            same = same.scatter_reduce(0, image[mine], same_patch, "amin")
         match = candidate & same
         parent = torch.where(match, other, parent)
         unmatched &= ~match
