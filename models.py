@@ -265,6 +265,54 @@ def encode_images_once(model):
     return True
 
 
+def rope_index_once(model):
+    """Make Qwen2(.5)-VL's get_rope_index (the M-RoPE positions of every prompt, a Python loop
+    over rows in transformers) compute a row that repeats the row before it only once.
+
+    A rollout's rows come as A A A B B B ...; a row counts as a repeat when its tokens, its
+    attention mask, its token types and the grids of its images all equal the previous
+    row's. Videos pass through unchanged. The positions are the same; on the embedded
+    default the loop was a tenth of a training step. Returns False when the model has no
+    get_rope_index of this form.
+    """
+    inner = getattr(model, "model", None)
+    if not hasattr(inner, "get_rope_index"):
+        return False
+    original = inner.get_rope_index
+
+    def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
+                       attention_mask=None, **kwargs):
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        call = lambda keep, grids: original(input_ids[keep], mm_token_type_ids=mm_token_type_ids[keep],
+                                            image_grid_thw=grids, video_grid_thw=video_grid_thw,
+                                            attention_mask=mask[keep], **kwargs)
+        if video_grid_thw is not None or mm_token_type_ids is None or len(input_ids) < 2:
+            return original(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+                            video_grid_thw=video_grid_thw, attention_mask=attention_mask, **kwargs)
+        # a row's images: the runs of image tokens (type 1) among its attended tokens, in order
+        kind = mm_token_type_ids if attention_mask is None else mm_token_type_ids * attention_mask
+        starts = (kind == 1) & torch.nn.functional.pad(kind[:, :-1] != 1, (1, 0), value=True)     # (B, L)
+        images = starts.sum(dim=1).tolist()                                                       # per row
+        grids = [] if image_grid_thw is None else list(image_grid_thw.split(images))             # per row
+        same = [i > 0 and images[i] == images[i - 1] and torch.equal(grids[i], grids[i - 1])
+                for i in range(len(images))] if grids else [i > 0 for i in range(len(images))]
+        same = torch.tensor(same, device=input_ids.device)
+        same[1:] &= (input_ids[1:] == input_ids[:-1]).all(dim=1) & \
+            (mm_token_type_ids[1:] == mm_token_type_ids[:-1]).all(dim=1)
+        if attention_mask is not None:
+            same[1:] &= (attention_mask[1:] == attention_mask[:-1]).all(dim=1)
+        keep = ~same
+        if bool(keep.all()):
+            return call(keep, image_grid_thw)
+        kept_grids = torch.cat([g for g, k in zip(grids, keep.tolist()) if k]) if grids else None
+        position_ids, deltas = call(keep, kept_grids)
+        source = keep.cumsum(0) - 1                   # each row's distinct row: the last kept at or before it
+        return position_ids[:, source], deltas[source]
+
+    inner.get_rope_index = get_rope_index
+    return True
+
+
 def speed_up_vision(model, attn):
     """Both rewirings above (flash-attn runs the windows as one varlen call already).
     Safe to call again on a deep copy of a rewired model. Returns what it did, for the log."""
@@ -273,12 +321,15 @@ def speed_up_vision(model, attn):
         # a deep copy keeps the original's get_image_features closure (functions are not
         # copied), which would run the original's vision tower: rewire the copy's own
         inner.__dict__.pop("get_image_features", None)
+        inner.__dict__.pop("get_rope_index", None)
     said = ""
     if "flash" not in attn:
         if vision_windows_in_one_call(model):
             said += ", vision windows in one call"
     if encode_images_once(model):
         said += ", each distinct image encoded once"
+    if rope_index_once(model):
+        said += ", each distinct prompt's positions computed once"
     return said
 
 

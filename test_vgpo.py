@@ -2710,6 +2710,34 @@ def test_each_distinct_image_is_encoded_once_in_qwen3_vl_too():
     assert patches == [80, 40]
 
 
+def test_rope_positions_of_a_repeated_row_are_computed_once_and_equal_transformers(tiny_model_dir):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    square, wide, tall = (tiny.counting_example(5, 0)["images"][0].resize(size) for size in
+                          ((84, 84), (112, 56), (56, 112)))
+    ask = lambda images, text="How many?": {"problem": "<image>" * len(images) + text, "answer": "1",
+                                            "images": images}
+    # a rollout's repeats, two images of one grid's token count but transposed (same token ids,
+    # other positions), a text-only row, a two-image row, and rows padded on the left
+    examples = ([ask([square])] * 3 + [ask([wide]), ask([tall]), ask([tall])] + [ask([], "What is 2 + 1?")] * 2
+                + [ask([square, wide])] * 2 + [ask([square], "How many squares are there?")])
+    batch, _ = rollout.encode_prompts(processor, examples, "")
+    inner = model.model
+    args = dict(image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"],
+                mm_token_type_ids=batch["mm_token_type_ids"])
+    want = inner.get_rope_index(batch["input_ids"], **args)
+    rows = []
+    original = inner.get_rope_index
+    inner.get_rope_index = lambda input_ids, **kw: rows.append(len(input_ids)) or original(input_ids, **kw)
+    assert models.rope_index_once(model)
+    got = inner.get_rope_index(batch["input_ids"], **args)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    assert rows == [6], "each run of equal rows once: 5 of the 11 rows repeat the row before"
+
+
 def test_distinct_images_finds_copies_by_exact_comparison():
     gen = torch.Generator().manual_seed(0)
     a, b, c = (torch.randn(4, 6, generator=gen) for _ in range(3))
