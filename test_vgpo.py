@@ -2721,8 +2721,9 @@ def test_rope_positions_of_a_repeated_row_are_computed_once_and_equal_transforme
                                             "images": images}
     # a rollout's repeats, two images of one grid's token count but transposed (same token ids,
     # other positions), a text-only row, a two-image row, and rows padded on the left
-    examples = ([ask([square])] * 3 + [ask([wide]), ask([tall]), ask([tall])] + [ask([], "What is 2 + 1?")] * 2
-                + [ask([square, wide])] * 2 + [ask([square], "How many squares are there?")])
+    examples = ([ask([square])] * 3 + [ask([wide]), ask([tall]), ask([tall])]
+                + [ask([], "What is 2 + 1?")] * 2 + [ask([square, wide])] * 2
+                + [ask([square], "How many squares are there?")])
     batch, _ = rollout.encode_prompts(processor, examples, "")
     inner = model.model
     args = dict(image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"],
