@@ -388,6 +388,22 @@ def append_metrics(out_dir, row):
         f.write(json.dumps(row) + "\n")
 
 
+def stopped_in_set_up(ranks, stop, out_dir):
+    """True, on every rank alike, when SIGTERM or Ctrl-C came during set-up (the warm start,
+    loading, the data checks), before the first step: there is nothing to save yet, so the
+    run stops now rather than after a first step that may take an hour. Says what is kept."""
+    # one all-reduce, so that every rank stops, or none: the others would wait in a collective
+    if not ranks.max_named(dict(stop=stop.received is not None))["stop"]:
+        return False
+    if ranks.master:
+        latest = latest_checkpoint(out_dir)
+        # a cut warm start is not kept either (tiny.warm_start): the same command starts over
+        kept = f"{latest} is unchanged: continue with --resume" if latest else "run the same command to start"
+        print(f"stopped by {stop.received or 'a signal to another rank'} before the first step: nothing was "
+              f"trained or saved; {kept}")
+    return True
+
+
 def say_done(args, step, row, stopped, stop):
     """The last line: where the run ended, and how to continue a stopped one."""
     final = latest_checkpoint(args.out_dir)

@@ -1869,6 +1869,24 @@ def test_a_signal_saves_a_checkpoint_at_the_next_step_and_exits_cleanly(tiny_mod
     assert latest.endswith(f"step_{rows[-1]['step']:06d}") and checkpoints.checkpoint_problem(latest) is None
 
 
+def test_a_signal_during_the_warm_start_stops_before_the_first_step_and_keeps_nothing_half_done(
+        tmp_path, monkeypatch, capsys):
+    import signal
+    out = str(tmp_path / "run")
+    done = tiny.warm_start_done
+
+    def interrupted(*args, **kwargs):                      # Ctrl-C at the warm start's first check
+        os.kill(os.getpid(), signal.SIGINT)
+        return done(*args, **kwargs)
+    monkeypatch.setattr(tiny, "warm_start_done", interrupted)
+    train.main(["--out_dir", out, "--max_steps", "3"])   # the default: the colour task's warm start
+    said = capsys.readouterr().out
+    assert "stopped by SIGINT before the first step: nothing was trained or saved" in said, said[-2000:]
+    assert not os.path.exists(os.path.join(out, "tiny-init-warm")), "a cut warm start is never kept"
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
+    assert checkpoints.latest_checkpoint(out) is None
+
+
 def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank(tiny_model_dir, tmp_path):
     import signal
     out = str(tmp_path / "run")

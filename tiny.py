@@ -361,7 +361,7 @@ def warm_start_done(first_step_accuracy, target):
 
 
 def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_every=2, max_steps=300,
-               target=0.8, n_checks=128):
+               target=0.8, n_checks=128, stop=None):
     """Write `model_path` after a short supervised warm start on the colour task to `out_path`.
 
     The stand-in for "-Instruct": the paper starts RL from Qwen2.5-VL-7B-Instruct, a policy
@@ -379,7 +379,9 @@ def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_ever
     after torch.manual_seed(seed). Prompts are built as training builds them
     (rollout.encode_prompts with --instruction), and the loss is -log p from rollout.score,
     the forward RL scores with. Written to a temporary folder, then renamed (atomic);
-    skipped when out_path already holds a model. Returns (out_path, steps, accuracy).
+    skipped when out_path already holds a model. Returns (out_path, steps, accuracy), or
+    (None, steps, accuracy) when `stop` (checkpoints.StopSignal) received a signal first:
+    then nothing is written.
     """
     from tqdm import tqdm
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -399,6 +401,9 @@ def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_ever
     cpu, accuracy, step_acc = torch.device("cpu"), 0.0, [0.0] * len(RGB)
     bar = tqdm(total=max_steps, desc="warm start", unit="step", disable=not master, dynamic_ncols=True)
     for step in range(1, max_steps + 1):
+        if stop is not None and stop.received:
+            bar.close()
+            return None, step - 1, accuracy              # a cut warm start is not kept
         examples = [train[i] for i in range((step - 1) * batch, step * batch)]
         # the targets: each solution then the EOS, right-padded as rollout.generate returns responses
         targets = [tokenizer(ex["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -437,7 +442,7 @@ def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_ever
     return out_path, step, accuracy
 
 
-def starting_model(args, ranks):
+def starting_model(args, ranks, stop=None):
     """--model tiny: the folder of the model RL starts from, built on rank 0 once per out_dir.
 
     The colour task on synthetic data starts from the supervised warm start (warm_start),
@@ -449,8 +454,9 @@ def starting_model(args, ranks):
     if ranks.master:
         build_tiny_model(path, seed=args.seed)
         if warm:
-            _, steps, accuracy = warm_start(path, path + "-warm", args, ranks.master)
-            print(f"warm start: {steps} supervised steps, held-out greedy accuracy {accuracy:.2f}")
+            done, steps, accuracy = warm_start(path, path + "-warm", args, ranks.master, stop=stop)
+            if done:
+                print(f"warm start: {steps} supervised steps, held-out greedy accuracy {accuracy:.2f}")
     if ranks.world > 1:
         import torch.distributed as dist
         dist.barrier()                          # the folder is written before any rank reads it

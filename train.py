@@ -10,10 +10,9 @@ Train a vision-language model with VGPO (or plain DAPO/GRPO) on verifiable rewar
         train.py --preset paper7b --out_dir /shared/vgpo7b   # 2 nodes; --node_rank 1 on the other
     python train.py --out_dir out --resume            # continue from out/checkpoints/latest
 
-With no arguments it builds a tiny Qwen2.5-VL, warm-starts it on a synthetic task whose
-answers count red, green and blue squares in turn ("\\boxed{r2g1b3}", tiny.py), then trains
-it with VGPO, in about 7 minutes on a laptop CPU. The same code trains a hub model:
---model Qwen/Qwen2.5-VL-7B-Instruct --train_data <id or local file>.
+With no arguments it builds a tiny Qwen2.5-VL, warm-starts it on a synthetic task (count red,
+green, blue squares in turn: "\\boxed{r2g1b3}", tiny.py) and trains it with VGPO, in about 5
+minutes on a laptop CPU. The same code trains --model Qwen/Qwen2.5-VL-7B-Instruct on hub data.
 
 Reading order: this file, then vgpo.py (the paper's equations), then rollout.py (prompts,
 sampling, rewards, the scoring forward): the whole algorithm. Plumbing is one call into a
@@ -466,9 +465,9 @@ class Run:
         return step >= args.max_steps
 
 
-def set_up(args):
+def set_up(args, stop):
     """Processes, the policy, the optimizer, the data (checked), and where a resumed run
-    continues. None when a resumed run has nothing left to do."""
+    continues. None when a resumed run has nothing left to do, or a signal cut the warm start."""
     ranks = parallel.start_ranks(args.dist_timeout)
     config.check_machine(args, ranks)                # flags that depend on the machine and the ranks
     torch.manual_seed(args.seed)                     # the same on every rank: any random init agrees
@@ -477,13 +476,14 @@ def set_up(args):
     if resume_from:
         config.check_same_run(checkpoints.saved_config(resume_from), args, resume_from, ranks.master)
     # the embedded default: built once per out_dir, then (colour task) its supervised warm start
-    start_model = tiny.starting_model(args, ranks) if args.model == "tiny" else args.model
+    start_model = tiny.starting_model(args, ranks, stop) if args.model == "tiny" else args.model
+    if checkpoints.stopped_in_set_up(ranks, stop, args.out_dir):    # a signal: nothing to save yet
+        return None
     # the plan comes before loading: a 7B model takes minutes to load, a wrong --gen_batch should not
     budget = models.check_memory_plan(resume_from or start_model, args, ranks)    # rows per generate()
 
-    # the policy. fast_vision rewires the vision tower in every forward: its windows run as one
-    # attention call per block, and each distinct image is encoded once, not once per response
-    # under --fsdp only rank 0 reads the weights; the others receive their shards (parallel.shard)
+    # the policy (fast_vision: models.speed_up_vision, the same numbers, faster); under --fsdp
+    # only rank 0 reads the weights, and the others receive their shards (parallel.shard)
     read, path = ranks.master or not args.fsdp, resume_from or start_model
     model, processor, attention = models.load_model(path, args, ranks.device, move=not args.fsdp,
                                                     fast_vision=args.fast_vision, weights=read)
@@ -505,8 +505,8 @@ def set_up(args):
     # AdamW as in the paper (lr 1e-6, weight decay 1e-2 in the preset); its state is fp32
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
-    # the data, checked before the first step
-    # the colour task's training prompts carry a late-step prior (--copy_prior); validation's do not
+    # the data, checked before the first step; the colour task's training prompts carry a late-step
+    # prior (--copy_prior), validation's do not
     train_data = dataset.open_data(args.train_data, args.train_split, args, seed_offset=0, size=-1,
                                    copy_prior=args.copy_prior)
     val_data = dataset.open_data(args.val_data, args.val_split, args, seed_offset=10_000, size=args.val_size)
@@ -547,8 +547,8 @@ def parse_args(argv=None):                           # the flags and presets are
 def main(argv=None):
     args = parse_args(argv)
     with checkpoints.StopSignal() as stop:           # SIGTERM / Ctrl-C: finish the step, save, stop
-        run = set_up(args)
-        if run is not None:
+        run = set_up(args, stop)
+        if run is not None and not checkpoints.stopped_in_set_up(run.ranks, stop, args.out_dir):
             train(args, run, stop)
     parallel.stop_ranks()
 
