@@ -11,7 +11,7 @@ Train a vision-language model with VGPO (or plain DAPO/GRPO) on verifiable rewar
     python train.py --out_dir out --resume            # continue from out/checkpoints/latest
 
 With no arguments it builds a tiny Qwen2.5-VL, warm-starts it on a synthetic task (count red,
-green, blue squares in turn: "\\boxed{r2g1b3}", tiny.py) and trains it with VGPO, in about 5
+green, blue squares in turn: "\\boxed{r2g1b3}", tiny.py) and trains it with VGPO, in about 6
 minutes on a laptop CPU. The same code trains --model Qwen/Qwen2.5-VL-7B-Instruct on hub data.
 
 Reading order: this file, then vgpo.py (the paper's equations), then rollout.py (prompts,
