@@ -204,9 +204,9 @@ def distinct_images(pixel_values, grid_thw, lookback=4):
     for j in range(1, min(lookback, n - 1) + 1):                             # the nearest copy wins
         other = (index - j).clamp(min=0)                                     # (n,)
         candidate = unmatched & (index >= j) & (grid_thw[other] == grid_thw).all(dim=1)
-        if bool(candidate.all() if j > 1 else candidate[1:].all()) and bool((patches == patches[0]).all()):
-            # every image a candidate, all of one size (a synthetic rollout): image i's patches lie
-            # exactly j images after image i - j's, so one shifted comparison, no gather
+        if j == 1 and bool(candidate[1:].all()) and bool((patches == patches[0]).all()):
+            # every image after the first a candidate, all of one size (a synthetic rollout): image
+            # i's patches lie exactly one image after image i - 1's, so one shifted comparison
             grid = pixel_values.view(n, int(patches[0]), -1)                     # (n, patches, D)
             same = torch.zeros(n, dtype=torch.bool, device=dev)
             same[j:] = (grid[j:] == grid[:-j]).flatten(1).all(dim=1)
