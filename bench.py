@@ -89,8 +89,17 @@ parser.add_argument("--forgetting", type=int, default=0, metavar="SEEDS",
 parser.add_argument("--forgetting_arms", nargs="+", default=None,
                     choices=["DAPO", "VGPO", "VGPO, focus shuffled", "VGPO, phi a mean"],
                     help="section 10: only these arms (default: all four)")
-parser.add_argument("--forgetting_steps", type=int, default=150,
-                    help="section 10: RL steps of each run (150: the embedded default's)")
+parser.add_argument("--forgetting_steps", type=int, default=None,
+                    help="section 10: RL steps of each run (default: 150 on the colour task, the embedded "
+                         "default's; 30 on the look task, where looking is learned in about 25)")
+parser.add_argument("--forgetting_task", choices=["colour", "look"], default="colour",
+                    help="section 10: colour = the embedded default (the late-step prior); look = each late "
+                         "step looks at its cells or guesses from the count before (tiny.py), so that a "
+                         "group's responses take different paths; validated every 5 steps")
+parser.add_argument("--look_checks", nargs="+", default=[], metavar="RUN",
+                    help="only the look task's sampled figures of a run folder's warm start and final "
+                         "checkpoint (look rate, look accuracy, guess accuracy where the prior misleads), "
+                         "500 held-out prompts x 2 samples, written to RUN/look_checks.json")
 parser.add_argument("--credit", nargs="+", default=[], metavar="CKPT",
                     help="only section 8: where VGPO's ψ and α put the credit on the colour task, "
                          "per checkpoint")
@@ -620,13 +629,14 @@ def run_quietly(cmd, threads, log):
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
-def train_then_eval(out, seed, train_flags, eval_flags, first=""):
+def train_then_eval(out, seed, train_flags, eval_flags, first="", then=""):
     """One run of sections 7 and 10, as a shell command: train (resumed if it was cut off),
-    score the final checkpoint (after `first`, e.g. the warm start) with eval.py, and mark
-    the run done, so that a finished run is reused."""
+    score the final checkpoint (after `first`, e.g. the warm start) with eval.py, run `then`
+    (a command, if any), and mark the run done, so that a finished run is reused."""
     ckpts = f"{first} {out}" if first else out
     return (f"{sys.executable} train.py --seed {seed} --out_dir {out} --resume {' '.join(train_flags)}"
-            f" && {sys.executable} eval.py --ckpt {ckpts} {eval_flags} && touch {out}/eval_done")
+            f" && {sys.executable} eval.py --ckpt {ckpts} {eval_flags}{f' && {then}' if then else ''}"
+            f" && touch {out}/eval_done")
 
 
 def run_all(runs, jobs, threads):
@@ -752,35 +762,89 @@ FORGETTING_ARMS = {"DAPO": ["--no_vgpo"], "VGPO": [], "VGPO, focus shuffled": ["
                    "VGPO, phi a mean": ["--control_phi_mean"]}
 
 
-def forgetting_run(out):
+def forgetting_run(out, task="colour"):
     """One arm's run: its final validation and, from eval.py --focus, the focus / image
-    dependence rank correlation of the warm start and of the final checkpoint."""
+    dependence rank correlation of the warm start and of the final checkpoint; on the look
+    task also held-out accuracy at steps 5 and 10 and its mean over the validations (how fast
+    looking is learned), and the sampled figures of look_checks."""
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     last = [r for r in rows if "val_acc" in r][-1]
     start = json.load(open(os.path.join(out, "tiny-init-warm", "eval", "summary.json")))["validation"]
     final = checkpoints.latest_checkpoint(out)
     end = json.load(open(os.path.join(final, "eval", "summary.json")))["validation"]
-    curve = [(0, rows[0]["start_val_acc"], rows[0]["start_val_blank_prior_acc"])]
-    curve += [(r["step"], r["val_acc"], r["val_blank_prior_acc"]) for r in rows if "val_acc" in r]
-    return dict(acc=last["val_acc"], first=last["val_step_acc"][0], middle=last["val_step_acc"][1],
-                last=last["val_step_acc"][2], blank_prior=last["val_blank_prior_acc"],
-                copy_share=last["val_late_copy_share"], rho_start=start["focus_dependence_spearman"],
-                rho_end=end["focus_dependence_spearman"], start_acc=rows[0]["start_val_acc"],
-                start_steps=rows[0]["start_val_step_acc"], minutes=sum(r["time"] for r in rows) / 60,
-                curve=curve, steps=last["val_step_acc"], step_focus=last["val_step_focus"],
-                start_step_focus=rows[0]["start_val_step_focus"])
+    # (step, held-out accuracy, blank-image read-out, greedy look rate: nan on the colour task)
+    curve = [(0, rows[0]["start_val_acc"], rows[0]["start_val_blank_prior_acc"],
+              rows[0].get("start_val_look_rate", float("nan")))]
+    curve += [(r["step"], r["val_acc"], r["val_blank_prior_acc"], r.get("val_look_rate", float("nan")))
+              for r in rows if "val_acc" in r]
+    run = dict(acc=last["val_acc"], first=last["val_step_acc"][0], middle=last["val_step_acc"][1],
+               last=last["val_step_acc"][2], blank_prior=last["val_blank_prior_acc"],
+               copy_share=last["val_late_copy_share"], rho_start=start["focus_dependence_spearman"],
+               rho_end=end["focus_dependence_spearman"], start_acc=rows[0]["start_val_acc"],
+               start_steps=rows[0]["start_val_step_acc"], minutes=sum(r["time"] for r in rows) / 60,
+               curve=curve, steps=last["val_step_acc"], step_focus=last["val_step_focus"],
+               start_step_focus=rows[0]["start_val_step_focus"])
+    if task == "look":
+        at = {r["step"]: r["val_acc"] for r in rows if "val_acc" in r}
+        checked = json.load(open(os.path.join(out, "look_checks.json")))
+        sampled = {f"{k}_{when}": checked[when][f"sampled_{k}"] for when in ("start", "end")
+                   for k in ("acc", "look_rate", "look_acc", "guess_acc_breaking")}
+        run.update(acc_5=at.get(5, float("nan")), acc_10=at.get(10, float("nan")),
+                   acc_mean=statistics.mean(at.values()), look_rate_greedy=last["val_look_rate"], **sampled)
+    return run
 
 
-def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500, arms=None):
+def look_checks(run_dir, prompts=500, samples=2):
+    """The look task's sampled figures (tiny.look_checks) of a run's warm start and of its final
+    checkpoint, on the first `prompts` validation prompts of its seed, each sampled `samples`
+    times at the run's --temperature, as RL samples; written to RUN/look_checks.json. Greedy
+    validation cannot show them: a step that looks 3 times in 10 never looks greedily."""
+    import config
+    import tiny
+    with open(os.path.join(run_dir, "config.json")) as f:
+        seed = json.load(f)["seed"]
+    args = config.parse_args(["--task", "look", "--seed", str(seed)])
+    checks = [tiny.look_example(seed + 10_000, i) for i in range(prompts)]    # validation's prompts
+    out = {}
+    for when, ckpt in (("start", os.path.join(run_dir, "tiny-init-warm")),
+                       ("end", checkpoints.latest_checkpoint(run_dir))):
+        model, processor, _ = models.load_model(ckpt, args, torch.device("cpu"))
+        torch.manual_seed(seed)
+        out[when] = tiny.look_checks(model, processor, checks, args, samples)
+    with open(os.path.join(run_dir, "look_checks.json"), "w") as f:
+        json.dump(out, f)
+    return out
+
+
+# the columns of section 10's table and the paired differences it prints, by task
+FORGETTING_COLUMNS = {
+    "colour": [("acc", "held-out acc"), ("first", "step 1 acc"), ("middle", "step 2 acc"),
+               ("last", "step 3 acc"), ("blank_prior", "blank-image acc, prior prompts"),
+               ("copy_share", "late errors that copy"), ("rho_start", "focus~dependence rho, start"),
+               ("rho_end", "rho, end"), ("minutes", "minutes")],
+    "look": [("acc_5", "held-out acc, step 5"), ("acc_10", "step 10"), ("acc", "end"),
+             ("acc_mean", "mean over validations"),
+             ("acc_end", "sampled acc, end"), ("look_rate_start", "sampled look rate, start"),
+             ("look_rate_end", "look rate, end"), ("look_acc_end", "look acc, end"),
+             ("guess_acc_breaking_end", "guess acc where the prior misleads, end"),
+             ("rho_start", "focus~dependence rho, start"), ("rho_end", "rho, end"), ("minutes", "minutes")]}
+FORGETTING_DIFFERENCES = {"colour": ("acc", "last", "blank_prior", "copy_share", "rho_end"),
+                          "look": ("acc_5", "acc_10", "acc_mean", "acc", "acc_end", "look_rate_end",
+                                   "rho_end")}
+
+
+def forgetting(seeds, runs_dir, jobs, steps=None, val_size=500, arms=None, task="colour"):
     import shutil
     import config
     import parallel
     import tiny
+    steps = steps or (30 if task == "look" else 150)
     # each seed's warm start once; every arm of the seed starts from a copy of it (paired)
     for seed in range(seeds):
         warm = os.path.join(runs_dir, f"warm-{seed}")
         if not os.path.exists(os.path.join(warm, "tiny-init-warm", "model.safetensors")):
-            tiny.starting_model(config.parse_args(["--seed", str(seed), "--out_dir", warm]), parallel.Ranks())
+            tiny.starting_model(config.parse_args(["--seed", str(seed), "--out_dir", warm, "--task", task]),
+                                parallel.Ranks())
     slug = lambda arm: arm.lower().replace(", ", "-").replace(" ", "-")
     arms = {arm: FORGETTING_ARMS[arm] for arm in (arms or FORGETTING_ARMS)}
     todo = [(arm, seed) for seed in range(seeds) for arm in arms
@@ -793,26 +857,28 @@ def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500, arms=None):
         for part in ("tiny-init", "tiny-init-warm"):
             if not os.path.exists(os.path.join(out, part)):
                 shutil.copytree(os.path.join(runs_dir, f"warm-{seed}", part), os.path.join(out, part))
-        # 500 held-out prompts, validated every 50 steps; then eval.py scores the warm start and the
-        # final checkpoint with --focus (the focus / image dependence correlation)
-        train_flags = ["--val_size", str(val_size), "--val_every", "50", "--max_steps", str(steps),
-                       *arms[arm]]
+        # 500 held-out prompts, validated every 50 steps (every 5 on the look task, which learns in
+        # about 25); then eval.py scores the warm start and the final checkpoint with --focus (the
+        # focus / image dependence correlation), and on the look task look_checks samples both
+        every = "5" if task == "look" else "50"
+        train_flags = ["--task", task, "--val_size", str(val_size), "--val_every", every,
+                       "--max_steps", str(steps), *arms[arm]]
+        then = f"{sys.executable} bench.py --look_checks {out}" if task == "look" else ""
         runs.append((f"{arm} seed {seed}", out,
-                     train_then_eval(out, seed, train_flags, "--focus", first=f"{out}/tiny-init-warm")))
+                     train_then_eval(out, seed, train_flags, "--focus", first=f"{out}/tiny-init-warm",
+                                     then=then)))
     run_all(runs, jobs, threads)
-    results = {arm: [forgetting_run(os.path.join(runs_dir, f"{slug(arm)}-{s}")) for s in range(seeds)]
+    results = {arm: [forgetting_run(os.path.join(runs_dir, f"{slug(arm)}-{s}"), task) for s in range(seeds)]
                for arm in arms}
-    keys = ("acc", "first", "middle", "last", "blank_prior", "copy_share", "rho_start", "rho_end", "minutes")
-    print(f"\nthe embedded default, {seeds} seeds per arm, {val_size} held-out prompts: "
+    columns = FORGETTING_COLUMNS[task]
+    print(f"\nthe {task} task, {seeds} seeds per arm, {steps} steps, {val_size} held-out prompts: "
           f"mean ± sd over seeds")
     print("warm start per seed (held-out acc; step acc red/green/blue): " + "; ".join(
         f"{s}: {r['start_acc']:.3f} ({'/'.join(f'{a:.2f}' for a in r['start_steps'])})"
-        for s, r in enumerate(results["VGPO"])))
-    head = ["arm", "held-out acc", "step 1 acc", "step 2 acc", "step 3 acc", "blank-image acc, prior prompts",
-            "late errors that copy", "focus~dependence rho, start", "rho, end", "minutes"]
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for s, r in enumerate(next(iter(results.values())))))
+    print("| arm | " + " | ".join(name for _, name in columns) + " |\n|" + "---|" * (len(columns) + 1))
     for arm, runs in results.items():
-        print(f"| {arm} | " + " | ".join(mean_sd([r[k] for r in runs]) for k in keys) + " |")
+        print(f"| {arm} | " + " | ".join(mean_sd([r[k] for r in runs]) for k, _ in columns) + " |")
     # paired by seed: the difference of each seed's two runs, its mean and standard error;
     # a difference counts only beyond twice its standard error
     print("\npaired differences (mean over seeds ± standard error; * = beyond 2 standard errors)")
@@ -820,7 +886,7 @@ def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500, arms=None):
         if a not in results or b not in results:
             continue
         parts = []
-        for k in ("acc", "last", "blank_prior", "copy_share", "rho_end"):
+        for k in FORGETTING_DIFFERENCES[task]:
             d = [x[k] - y[k] for x, y in zip(results[a], results[b]) if x[k] == x[k] and y[k] == y[k]]
             if len(d) < 2:
                 parts.append(f"{k} -")
@@ -828,19 +894,21 @@ def forgetting(seeds, runs_dir, jobs, steps=150, val_size=500, arms=None):
             mean, se = statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d))
             parts.append(f"{k} {mean:+.3f} ± {se:.3f}{' *' if abs(mean) > 2 * se else ''}")
         print(f"{a} - {b}: " + ", ".join(parts))
-    plot_forgetting(results, "docs/forgetting.png")
-    plot_chain(results, "docs/focus_steps.png")
-    print("wrote docs/forgetting.png and docs/focus_steps.png")
+    figures = ("docs/forgetting.png", "docs/focus_steps.png") if task == "colour" else \
+        ("docs/forgetting_look.png", "docs/focus_steps_look.png")
+    plot_forgetting(results, figures[0], task)
+    plot_chain(results, figures[1], task)
+    print(f"wrote {figures[0]} and {figures[1]}")
 
 
-def plot_chain(results, path):
+def plot_chain(results, path, task="colour"):
     """Accuracy and visual focus at each step of the chain: the shared warm start, then each
     arm's final checkpoint, means over seeds. Visual forgetting is a fall along the chain."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    start = results["VGPO"]                                     # every arm starts from the same one
+    start = next(iter(results.values()))                        # every arm starts from the same one
     lines = [("warm start", "black", [r["start_steps"] for r in start],
               [r["start_step_focus"] for r in start])]
     colours = ("tab:blue", "tab:red", "tab:gray", "tab:green")
@@ -856,30 +924,33 @@ def plot_chain(results, path):
         ax.set_xlabel("step of the chain")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("the embedded default along its chain: warm start, then VGPO and DAPO after RL")
+    fig.suptitle(("the embedded default" if task == "colour" else "the look task") +
+                 " along its chain: warm start, then VGPO and DAPO after RL")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_forgetting(results, path):
+def plot_forgetting(results, path, task="colour"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for (arm, runs), colour in zip(results.items(), ("tab:blue", "tab:red", "tab:gray", "tab:green")):
-        steps = [step for step, _, _ in runs[0]["curve"]]
-        for ax, k in zip(axes, (1, 2)):
+        steps = [point[0] for point in runs[0]["curve"]]
+        for ax, k in zip(axes, (1, 2 if task == "colour" else 3)):
             values = torch.tensor([[p[k] for p in r["curve"]] for r in runs])
             ax.plot(steps, values.mean(0), color=colour, marker="o", label=f"{arm} ({len(runs)} seeds)")
             ax.fill_between(steps, values.min(0).values, values.max(0).values, color=colour, alpha=0.12)
     axes[0].set_ylabel("held-out accuracy (greedy)")
-    axes[1].set_ylabel("prior probability of the answer\nwritten to a blank image (0.21: a repeated count)")
+    axes[1].set_ylabel("prior probability of the answer\nwritten to a blank image (0.21: a repeated count)"
+                       if task == "colour" else "share of late steps that look (greedy)")
     for ax in axes:
         ax.set_xlabel("RL step (0 = the shared warm start)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("the embedded default: DAPO, VGPO and two controls, mean and min-max over seeds")
+    fig.suptitle(("the embedded default" if task == "colour" else "the look task") +
+                 ": DAPO, VGPO and two controls, mean and min-max over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1109,8 +1180,14 @@ if args.vgpo_vs_dapo:
     vgpo_vs_dapo(args.vgpo_vs_dapo, args.runs_dir, args.jobs)
     sys.exit(0)
 
+if args.look_checks:
+    for run_dir in args.look_checks:
+        print(run_dir, json.dumps(look_checks(run_dir)), flush=True)
+    sys.exit(0)
+
 if args.forgetting:
-    forgetting(args.forgetting, args.runs_dir, args.jobs, args.forgetting_steps, arms=args.forgetting_arms)
+    forgetting(args.forgetting, args.runs_dir, args.jobs, args.forgetting_steps, arms=args.forgetting_arms,
+               task=args.forgetting_task)
     sys.exit(0)
 
 

@@ -76,6 +76,12 @@ TASKS = {
     # the 16 tokens and validation stalled at 0.71-0.755.
     "colour": dict(max_new_tokens=16, val_max_new_tokens=16, temperature=1.0, lr=3e-4,
                    max_steps=150, lr_schedule="cosine", val_every=10, bare_answers=False, copy_prior=0.8),
+    # the colour task's scenes, each late step looking at its cells ("g:47=2") or guessing
+    # from the count before it ("g=2"): the control experiment of bench.py --forgetting --task
+    # look, in which a group's responses take different paths (tiny.look_example). 42 new
+    # tokens: three looks at 3 cells each (24), the box (14), the EOS, and 3.
+    "look": dict(max_new_tokens=42, val_max_new_tokens=42, temperature=1.0, lr=3e-4,
+                 max_steps=100, lr_schedule="cosine", val_every=10, bare_answers=False, copy_prior=0.8),
     # the one-token counting task from random weights: the bare digit is the answer, since
     # a random model cannot write \boxed{}
     # (2 new tokens: the one-digit count, 1 to 4, and the end token)
@@ -129,11 +135,13 @@ def build_parser(description=""):
     g = p.add_argument_group("data")
     g.add_argument("--task", default="colour", choices=sorted(TASKS),
                    help="the synthetic task: colour = count red, green, blue squares step by step (tiny.py), "
-                        "count = how many squares, one token")
+                        "look = the same, each late step looking at its cells or guessing from the count "
+                        "before (a control experiment: bench.py --forgetting N --task look), count = how "
+                        "many squares, one token")
     g.add_argument("--copy_prior", type=float, default=0.0,
-                   help="colour task: P(a count equals the one before it) in the TRAINING prompts, a text "
-                        "prior that late steps can follow instead of the image (0 = independent; held-out "
-                        "prompts are always independent; colour default 0.8)")
+                   help="colour and look tasks: P(a count equals the one before it) in the TRAINING "
+                        "prompts, a text prior that late steps can follow instead of the image (0 = "
+                        "independent; held-out prompts are always independent; their default 0.8)")
     g.add_argument("--train_data", default="synthetic",
                    help="hub dataset id, local .parquet/.json/.jsonl file or folder, or 'synthetic'")
     g.add_argument("--train_split", default="train", help="split of --train_data (hub ids and folders)")
@@ -348,8 +356,8 @@ def parse_args(argv=None, description=""):
         parser.error(f"--dist_timeout {args.dist_timeout}: give the minutes a collective may wait, > 0")
     if not 0 <= args.copy_prior <= 1:
         parser.error(f"--copy_prior {args.copy_prior} is a probability: give a value in [0, 1]")
-    if args.copy_prior and args.task != "colour":
-        parser.error("--copy_prior shapes the colour task's prompts: use it with --task colour")
+    if args.copy_prior and args.task == "count":
+        parser.error("--copy_prior shapes the colour task's prompts: use it with --task colour or look")
     if args.group_size < 2:
         parser.error("--group_size must be >= 2: GRPO compares each response with its group")
     if args.fsdp_offload and not args.fsdp:

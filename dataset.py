@@ -255,9 +255,11 @@ def open_data(source, split, args, seed_offset, size, copy_prior=0.0):
     # a synthetic task is made on demand: a million rows cost nothing until they are drawn
     if source == "synthetic":
         size = 1_000_000 if size < 0 else size
-        if getattr(args, "task", "count") == "colour":
+        task = getattr(args, "task", "count")
+        if task in ("colour", "look"):
             # copy_prior: the training prompts' late-step prior (validation passes 0: independent)
-            return tiny.ColourCountingTask(args.seed + seed_offset, size, copy_prior=copy_prior)
+            chain = tiny.LookTask if task == "look" else tiny.ColourCountingTask
+            return chain(args.seed + seed_offset, size, copy_prior=copy_prior)
         return tiny.CountingTask(args.seed + seed_offset, size)
     table = load_table(source, split, (args.problem_key, args.answer_key, args.images_key))
     # --val_size: the first rows, in the file's order, so that every run validates on the same ones

@@ -205,6 +205,27 @@ def colour_counts(rng, copy_prior=0.0):
     return counts
 
 
+def colour_scene(seed, index, blank=False, copy_prior=0.0):
+    """The image of colour example `index` of `seed`, its three counts, and the cells (1-9, row
+    by row) that hold each colour's squares: the one drawing of the colour and look tasks.
+    Example: colour_scene(0, 3) -> (<84x84 image>, [3, 1, 2], [[1, 2, 8], [4], [3, 6]])."""
+    rng = random.Random(seed * 1_000_003 + index + 7)
+    image = Image.new("RGB", (GRID * CELL, GRID * CELL), (20, 20, 20))
+    draw = ImageDraw.Draw(image)
+    counts = colour_counts(rng, copy_prior)
+    cells = rng.sample(range(GRID * GRID), sum(counts))
+    colours = [colour for colour, n in zip(RGB, counts) for _ in range(n)]
+    for cell, colour in zip(cells, colours):
+        y, x = divmod(cell, GRID)
+        size = rng.randint(20, 26)
+        x0 = x * CELL + rng.randint(0, CELL - size)
+        y0 = y * CELL + rng.randint(0, CELL - size)
+        if not blank:                      # the same random draws either way: same gold
+            draw.rectangle((x0, y0, x0 + size - 1, y0 + size - 1), fill=colour)     # inside its cell
+    starts = [sum(counts[:k]) for k in range(len(RGB))]
+    return image, counts, [sorted(c + 1 for c in cells[a:a + n]) for a, n in zip(starts, counts)]
+
+
 def colour_example(seed, index, blank=False, copy_prior=0.0):
     """Example `index` of the colour-counting task of `seed`, with its full target response.
 
@@ -221,19 +242,7 @@ def colour_example(seed, index, blank=False, copy_prior=0.0):
     counts with a late-step prior (colour_counts): the training prompts of --task colour,
     where the text before a step predicts it, as a model's own reasoning does.
     """
-    rng = random.Random(seed * 1_000_003 + index + 7)
-    image = Image.new("RGB", (GRID * CELL, GRID * CELL), (20, 20, 20))
-    draw = ImageDraw.Draw(image)
-    counts = colour_counts(rng, copy_prior)
-    cells = rng.sample(range(GRID * GRID), sum(counts))
-    colours = [colour for colour, n in zip(RGB, counts) for _ in range(n)]
-    for cell, colour in zip(cells, colours):
-        y, x = divmod(cell, GRID)
-        size = rng.randint(20, 26)
-        x0 = x * CELL + rng.randint(0, CELL - size)
-        y0 = y * CELL + rng.randint(0, CELL - size)
-        if not blank:                      # the same random draws either way: same gold
-            draw.rectangle((x0, y0, x0 + size - 1, y0 + size - 1), fill=colour)     # inside its cell
+    image, counts, _ = colour_scene(seed, index, blank, copy_prior)
     steps = "".join(f"{name}{n}" for name, n in zip(RGB_NAMES, counts))          # "r3g1b2"
     return {"problem": "<image>How many red, green, blue squares?", "answer": steps,
             "solution": f"\\boxed{{{steps}}}", "images": [image], "id": f"colour-{seed}-{index}"}
@@ -249,6 +258,72 @@ class ColourCountingTask(SyntheticTask):
 
     def example(self, seed, index, blank):
         return colour_example(seed, index, blank, self.copy_prior)
+
+
+# -----------------------------------------------------------------------------
+# ---- the look-or-guess task (--task look) ----: responses of one prompt take different paths
+#
+# On the colour task every response reads the image the same way, so VGPO's per-response
+# weight has nothing to choose between. Here each late step (green, blue) either LOOKS, naming
+# the cells of its colour and then the count ("g:47=2": green squares in cells 4 and 7), or
+# GUESSES, repeating the count before it ("g=2"): the text prior, right 4 times in 5 on the
+# training prompts (copy_prior 0.8) and never on a held-out step whose count changes. The red
+# step always looks: nothing comes before it. Graded from the \boxed{} as on the colour task:
+#     "r:15=2 g:47=2 b:368=3 \boxed{r2g2b3}"    every step looks (right)
+#     "r:15=2 g=2 b=2 \boxed{r2g2b2}"           green and blue guess (blue is wrong)
+# A response that looks attends to the image more than one that guesses, which is what VGPO's
+# focus is meant to see. "g=" and "g:" differ at their first character, so the choice between
+# looking and guessing is one token.
+
+LOOK = re.compile(r"([rgb]):(\d+)=")
+
+
+def look_example(seed, index, blank=False, copy_prior=0.0, look=1.0, teach_choice=True):
+    """Example `index` of the look task of `seed`: colour example `index`'s scene and answer,
+    with a target response (solution) whose late steps each look with probability `look` and
+    otherwise guess. With teach_choice=False, "free" lists the characters of the solution that
+    make the choice (the ":" after a late step's name): the warm start leaves them out of its
+    loss, so that an all-looking target teaches how to look without teaching how often.
+
+    Example: look_example(0, 1, look=0.3) -> {"answer": "r1g2b2", "solution":
+             "r:3=1 g=1 b=1 \\boxed{r1g1b1}", "free": [], ...}: both late steps guess, and miss
+    """
+    image, counts, cells = colour_scene(seed, index, blank, copy_prior)
+    rng = random.Random(seed * 1_000_003 + index + 11)           # the target's choices, not the scene's
+    looks = [True] + [rng.random() < look for _ in RGB[1:]]
+    said, notes, free = [], "", []
+    for name, count, where, looked in zip(RGB_NAMES, counts, cells, looks):
+        said.append(count if looked else said[-1])               # a guess repeats the count before it
+        if looked and name != RGB_NAMES[0] and not teach_choice:
+            free.append(len(notes) + 1)                          # the ":" of "g:47=2"
+        notes += f"{name}:{''.join(map(str, where))}={count} " if looked else f"{name}={said[-1]} "
+    box = "".join(f"{name}{n}" for name, n in zip(RGB_NAMES, said))
+    return {"problem": "<image>How many red, green, blue squares?",
+            "answer": "".join(f"{name}{n}" for name, n in zip(RGB_NAMES, counts)),
+            "solution": f"{notes}\\boxed{{{box}}}", "free": free, "images": [image],
+            "id": f"look-{seed}-{index}"}
+
+
+class LookTask(ColourCountingTask):
+    """--task look: the colour task's scenes, each late step looking or guessing (look_example).
+    `look` is the share of looking late steps in the targets; with `replay`, every even index is
+    instead an all-looking target whose choices are left out of the loss (the warm start's mix)."""
+
+    def __init__(self, seed, size, blank=False, copy_prior=0.0, look=1.0, replay=False):
+        super().__init__(seed, size, blank, copy_prior)
+        self.look, self.replay = look, replay
+
+    def example(self, seed, index, blank):
+        if self.replay and index % 2 == 0:
+            return look_example(seed, index, blank, self.copy_prior, look=1.0, teach_choice=False)
+        return look_example(seed, index, blank, self.copy_prior, self.look)
+
+
+def chain_looks(text):
+    """The steps a response looked at: those written with their cells before its last \\boxed{}.
+    Example: "r:15=2 g=2 b:368=3 \\boxed{r2g2b3}" -> {"r", "b"} (green guessed)."""
+    end = text.rfind("\\boxed{")
+    return {match.group(1) for match in LOOK.finditer(text[:end if end >= 0 else len(text)])}
 
 
 # -----------------------------------------------------------------------------
@@ -281,16 +356,21 @@ def chain_sums(records, golds, tokenizer):
         step_focus_k / step_focused_k   the summed focus at step k's digit token / answers with one
         late_errors / late_copies       late steps (1, 2) that are wrong / of those, the ones
                          that repeat the answer's own previous count (the text, not the image)
+        late_steps / looks / looks_right   late steps / of those, the ones that look at their
+                         cells (the look task, chain_looks) / of those, the right ones
+        breaks / break_guesses / break_guesses_right   late steps whose truth differs from the
+                         count before it (the prior misleads) / of those, guessed / guessed right
     Example: gold "r1g2b2", answer "\\boxed{r1g1b1}": steps 0 right, 1 and 2 wrong; both late
     errors copy the count before them -> late_errors 2, late_copies 2.
     """
     sums = {}
     for k in range(len(RGB)):
         sums.update({f"step_correct_{k}": 0.0, f"step_focus_{k}": 0.0, f"step_focused_{k}": 0.0})
-    sums.update(late_errors=0.0, late_copies=0.0)
+    sums.update(late_errors=0.0, late_copies=0.0, late_steps=0.0, looks=0.0, looks_right=0.0,
+                breaks=0.0, break_guesses=0.0, break_guesses_right=0.0)
     for record, gold in zip(records, golds):
         truth = [count for count, _ in chain_steps(gold).values()]
-        steps = chain_steps(record["response"])
+        steps, looked = chain_steps(record["response"]), chain_looks(record["response"])
         said = [steps.get(name, (None, None))[0] for name in RGB_NAMES]
         # which response token holds each character: the decoded length of every token so far
         ends = None
@@ -304,7 +384,14 @@ def chain_sums(records, golds, tokenizer):
                 if token < len(record["focus"]):
                     sums[f"step_focus_{k}"] += float(record["focus"][token])
                     sums[f"step_focused_{k}"] += 1
-            if k > 0 and said[k] != truth[k]:
+            if k == 0:
+                continue
+            right, breaks, looks = said[k] == truth[k], truth[k] != truth[k - 1], name in looked
+            for key, counted in (("late_steps", True), ("looks", looks), ("looks_right", looks and right),
+                                 ("breaks", breaks), ("break_guesses", breaks and not looks),
+                                 ("break_guesses_right", breaks and not looks and right)):
+                sums[key] += float(counted)
+            if not right:
                 sums["late_errors"] += 1
                 sums["late_copies"] += float(said[k] is not None and said[k] == said[k - 1])
     return sums
@@ -327,25 +414,38 @@ def prior_probability(text, copy_prior):
     return p
 
 
-def chain_metrics(sums, n, prefix="val_"):
+def chain_metrics(sums, n, prefix="val_", looks=False):
     """The named means of chain_sums' (all-reduced) sums over n answers: step accuracy and
-    step focus as lists in chain order (red, green, blue), and the late errors' copy share."""
+    step focus as lists in chain order (red, green, blue), and the late errors' copy share;
+    with `looks` (the look task) also the share of late steps that look (look_rate), the
+    accuracy of those that look (look_acc), and of those that guess where the prior misleads
+    (guess_acc_breaking). A share of nothing is nan."""
     steps = range(len(RGB))
     out = {f"{prefix}step_acc": [sums[f"step_correct_{k}"] / max(n, 1) for k in steps],
            f"{prefix}step_focus": [sums[f"step_focus_{k}"] / sums[f"step_focused_{k}"]
                                    if sums[f"step_focused_{k}"] else float("nan") for k in steps]}
-    out[f"{prefix}late_copy_share"] = sums["late_copies"] / sums["late_errors"] if sums["late_errors"] \
-        else float("nan")
+    share = lambda part, whole: sums[part] / sums[whole] if sums[whole] else float("nan")
+    out[f"{prefix}late_copy_share"] = share("late_copies", "late_errors")
+    if looks:
+        out.update({f"{prefix}look_rate": share("looks", "late_steps"),
+                    f"{prefix}look_acc": share("looks_right", "looks"),
+                    f"{prefix}guess_acc_breaking": share("break_guesses_right", "break_guesses")})
     return out
 
 
 # -----------------------------------------------------------------------------
 # ---- the embedded default's starting policy ----: a supervised warm start
 
-def warm_start_sets(seed, copy_prior, size, n_checks=64):
+def warm_start_sets(seed, copy_prior, size, n_checks=64, task="colour"):
     """The warm start's training examples and its held-out checks. It trains on the prior's
     prompts, as RL does; it stops on prompts drawn without the prior, because a stop on the
-    prior's own prompts is met by learning the prior instead of reading the image."""
+    prior's own prompts is met by learning the prior instead of reading the image. The look
+    task trains without the prior (its guesses copy whatever the counts), on LookTask's mix:
+    half all-looking targets that teach looking, half that look at a late step LOOK_SHARE of
+    the time, and so teach how often to."""
+    if task == "look":
+        return (LookTask(seed + 20_000, size, look=LOOK_SHARE, replay=True),
+                [look_example(seed + 30_000, i) for i in range(n_checks)])
     return (ColourCountingTask(seed + 20_000, size, copy_prior=copy_prior),
             [colour_example(seed + 30_000, i) for i in range(n_checks)])
 
@@ -360,33 +460,111 @@ def warm_start_done(first_step_accuracy, target):
     return first_step_accuracy >= target
 
 
+# the look task's warm start: the share of looking late steps in its targets, and its stop:
+# sampled late steps that look are right LOOK_TARGET of the time (checked every LOOK_EVERY
+# steps). Probes: looking is right 0.5 of the time after 200 steps without the all-looking
+# half of the mix, 0.8-0.9 after 300 with it; sampled look rates stay near 0.3.
+LOOK_SHARE, LOOK_TARGET, LOOK_EVERY = 0.3, 0.85, 40
+
+
+def look_warm_start_done(checked, target=LOOK_TARGET):
+    """The look task's stopping rule, on look_checks' sampled figures: looking is mostly right,
+    so that RL starts from a policy whose looks pay and whose guesses are a prior. The share
+    of steps that look is set by the targets (LOOK_SHARE), not by the stop.
+    Example: {"sampled_look_acc": 0.87, ...} -> True."""
+    return checked["sampled_look_acc"] >= target
+
+
+def look_checks(model, processor, checks, args, samples=4):
+    """The look task's policy on held-out `checks`, sampled `samples` times each at
+    --temperature as RL samples: chain_metrics' figures (look rate, look accuracy, guess
+    accuracy where the prior misleads, step accuracy), prefixed "sampled_", and the accuracy.
+    Before RL, looking should be mostly right (>= 0.8), guessing mostly wrong where the prior
+    misleads (<= 0.3), and 10-40% of the late steps should look."""
+    import rollout
+
+    model.eval()
+    prompts, _ = rollout.encode_prompts(processor, checks * samples, args.instruction)
+    with torch.no_grad():
+        responses, mask, _ = rollout.generate(model, processor, prompts, max_new_tokens=args.max_new_tokens,
+                                              temperature=args.temperature)
+    texts = processor.batch_decode(torch.where(mask, responses, processor.tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    golds = [c["answer"] for c in checks] * samples
+    out = chain_metrics(chain_sums([dict(response=t) for t in texts], golds, None), len(texts), "sampled_",
+                        looks=True)
+    out.pop("sampled_step_focus")                                  # no focus is scored here
+    out["sampled_acc"] = sum(rollout.grade(rollout.extract_answer(t, False), g) for t, g in zip(texts, golds))
+    out["sampled_acc"] /= len(texts)
+    return out
+
+
+def supervised_loss(model, processor, examples, instruction):
+    """The warm start's loss: teacher-forced cross-entropy of each example's solution and the
+    EOS, right-padded as rollout.generate returns responses, scored by rollout.score (the
+    forward RL scores with). The characters an example lists as "free" (look_example) are
+    left out. The tokenizer is one token per character, so a character's index is its token's."""
+    import rollout
+
+    tokenizer = processor.tokenizer
+    targets = [tokenizer(ex["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for ex in examples]
+    width = max(map(len, targets))
+    responses = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in targets])  # (B, W)
+    mask = torch.arange(width) < torch.tensor([len(t) for t in targets]).unsqueeze(1)           # (B, W)
+    for i, ex in enumerate(examples):
+        if ex.get("free"):
+            assert len(targets[i]) == len(ex["solution"]) + 1, "free characters need one token each"
+            mask[i, ex["free"]] = False
+    prompts, _ = rollout.encode_prompts(processor, examples, instruction)
+    logp, _ = rollout.score(model, prompts, responses, mask)                                    # (B, W)
+    return -(logp * mask).sum() / mask.sum()           # mean cross-entropy over response tokens
+
+
+def warm_start_check(model, processor, checks, args, target):
+    """(held-out accuracy, per-step accuracy, look figures, stop?) of the warm start so far:
+    greedy on the colour task (warm_start_done), sampled on the look task (look_warm_start_done)."""
+    import rollout
+
+    model.eval()
+    if args.task == "look":
+        checked = look_checks(model, processor, checks, args)
+        return checked["sampled_acc"], checked["sampled_step_acc"], checked, look_warm_start_done(checked)
+    records = rollout.answer_greedily(rollout.Policy(model), processor, checks, args.instruction,
+                                      max_new_tokens=args.val_max_new_tokens, bare=False,
+                                      device=torch.device("cpu"))
+    step_acc = chain_metrics(chain_sums(records, [c["answer"] for c in checks], processor.tokenizer),
+                             len(checks), prefix="")["step_acc"]
+    accuracy = sum(r["correct"] for r in records) / len(records)
+    return accuracy, step_acc, {}, warm_start_done(step_acc[0], target)
+
+
 def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_every=2, max_steps=300,
                target=0.8, n_checks=128, stop=None):
     """Write `model_path` after a short supervised warm start on the colour task to `out_path`.
 
     The stand-in for "-Instruct": the paper starts RL from Qwen2.5-VL-7B-Instruct, a policy
     that already answers in the expected format. Here the tiny random model is trained with
-    teacher-forced cross-entropy on the task's full solutions ("\\boxed{r2g1b3}" + EOS)
-    until it follows the format and reads the first step off the image: greedy accuracy at
-    the first step of `n_checks` held-out examples reaches `target` (warm_start_done, checked
-    every `check_every` steps). Then it stops, clearly imperfect on the answer, so that RL has
-    most of the way still to go. It trains with --copy_prior and checks without it
-    (warm_start_sets): at the stop it leans on the prior's shortcut, so its late steps follow
-    the earlier ones where held-out prompts need the image.
+    teacher-forced cross-entropy on the task's full solutions ("\\boxed{r2g1b3}" + EOS,
+    supervised_loss) until it follows the format and reads the first step off the image:
+    greedy accuracy at the first step of `n_checks` held-out examples reaches `target`
+    (warm_start_done, checked every `check_every` steps). Then it stops, clearly imperfect on
+    the answer, so that RL has most of the way still to go. It trains with --copy_prior and
+    checks without it (warm_start_sets): at the stop it leans on the prior's shortcut, so its
+    late steps follow the earlier ones where held-out prompts need the image. The look task
+    trains on its mix of targets (warm_start_sets) for up to twice `max_steps`, checked every
+    LOOK_EVERY steps by sampling (look_warm_start_done).
 
     Deterministic from --seed: it trains on task seed + 20_000 (neither the RL training
     set, seed + 0, nor validation, seed + 10_000) and checks on seed + 30_000, in order,
     after torch.manual_seed(seed). Prompts are built as training builds them
-    (rollout.encode_prompts with --instruction), and the loss is -log p from rollout.score,
-    the forward RL scores with. Written to a temporary folder, then renamed (atomic);
-    skipped when out_path already holds a model. Returns (out_path, steps, accuracy), or
-    (None, steps, accuracy) when `stop` (checkpoints.StopSignal) received a signal first:
-    then nothing is written.
+    (rollout.encode_prompts with --instruction). Written to a temporary folder, then renamed
+    (atomic); skipped when out_path already holds a model. Returns (out_path, steps,
+    accuracy), or (None, steps, accuracy) when `stop` (checkpoints.StopSignal) received a
+    signal first: then nothing is written.
     """
     from tqdm import tqdm
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import rollout                                  # rollout imports nothing of this file's
 
     if os.path.exists(os.path.join(out_path, "model.safetensors")):
         with open(os.path.join(out_path, "warm_start.json")) as f:
@@ -395,41 +573,31 @@ def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_ever
     torch.manual_seed(args.seed)
     model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(model_path)
-    tokenizer = processor.tokenizer
-    train, checks = warm_start_sets(args.seed, args.copy_prior, batch * max_steps, n_checks)
+    if args.task == "look":
+        max_steps, check_every = 2 * max_steps, LOOK_EVERY
+    train, checks = warm_start_sets(args.seed, args.copy_prior, batch * max_steps, n_checks, args.task)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    cpu, accuracy, step_acc = torch.device("cpu"), 0.0, [0.0] * len(RGB)
+    accuracy, step_acc, checked = 0.0, [0.0] * len(RGB), {}
     bar = tqdm(total=max_steps, desc="warm start", unit="step", disable=not master, dynamic_ncols=True)
     for step in range(1, max_steps + 1):
         if stop is not None and stop.received:
             bar.close()
             return None, step - 1, accuracy              # a cut warm start is not kept
-        examples = [train[i] for i in range((step - 1) * batch, step * batch)]
-        # the targets: each solution then the EOS, right-padded as rollout.generate returns responses
-        targets = [tokenizer(ex["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                   for ex in examples]
-        width = max(map(len, targets))
-        responses = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in targets])  # (B, W)
-        mask = torch.arange(width) < torch.tensor([len(t) for t in targets]).unsqueeze(1)           # (B, W)
         model.train()
-        prompts, _ = rollout.encode_prompts(processor, examples, args.instruction)
-        logp, _ = rollout.score(model, prompts, responses, mask)                                    # (B, W)
-        loss = -(logp * mask).sum() / mask.sum()           # mean cross-entropy over response tokens
+        loss = supervised_loss(model, processor, [train[i] for i in range((step - 1) * batch, step * batch)],
+                               args.instruction)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         bar.update(1)
         if step % check_every == 0:
-            model.eval()
-            records = rollout.answer_greedily(rollout.Policy(model), processor, checks, args.instruction,
-                                              max_new_tokens=args.val_max_new_tokens, bare=False, device=cpu)
-            accuracy = sum(r["correct"] for r in records) / len(records)
-            step_acc = chain_metrics(chain_sums(records, [c["answer"] for c in checks], tokenizer),
-                                     len(checks), prefix="")["step_acc"]
+            accuracy, step_acc, checked, done = warm_start_check(model, processor, checks, args, target)
+            looks = {"looks": f"{checked['sampled_look_rate']:.2f}",
+                     "right": f"{checked['sampled_look_acc']:.2f}"} if checked else {}
             bar.set_postfix(loss=f"{loss.item():.3f}", held_out_acc=f"{accuracy:.2f}",
-                            steps="/".join(f"{a:.2f}" for a in step_acc))
-            if warm_start_done(step_acc[0], target):
+                            steps="/".join(f"{a:.2f}" for a in step_acc), **looks)
+            if done:
                 break
     bar.close()
     tmp = f"{out_path}.tmp{os.getpid()}"
@@ -437,7 +605,7 @@ def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_ever
     processor.save_pretrained(tmp)
     with open(os.path.join(tmp, "warm_start.json"), "w") as f:
         json.dump(dict(steps=step, accuracy=accuracy, step_accuracy=step_acc, target=target,
-                       copy_prior=args.copy_prior, batch=batch, lr=lr), f)
+                       copy_prior=args.copy_prior, batch=batch, lr=lr, task=args.task, checks=checked), f)
     os.replace(tmp, out_path)                  # atomic: nobody ever loads half a model
     return out_path, step, accuracy
 
@@ -445,12 +613,12 @@ def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_ever
 def starting_model(args, ranks, stop=None):
     """--model tiny: the folder of the model RL starts from, built on rank 0 once per out_dir.
 
-    The colour task on synthetic data starts from the supervised warm start (warm_start),
+    The colour and look tasks on synthetic data start from the supervised warm start (warm_start),
     as the paper starts from an -Instruct model; the count task starts from random weights.
     Returns <out_dir>/tiny-init, or <out_dir>/tiny-init-warm. The other ranks wait for it.
     """
     path = os.path.join(args.out_dir, "tiny-init")
-    warm = args.task == "colour" and args.train_data == "synthetic"
+    warm = args.task in ("colour", "look") and args.train_data == "synthetic"
     if ranks.master:
         build_tiny_model(path, seed=args.seed)
         if warm:

@@ -378,7 +378,7 @@ def validate(run, args):
     budget = models.GenerationBudget(run.budget.room, run.budget.kv, run.budget.prefill, args.val_batch,
                                      models.scoring_bytes(policy.model.config) if args.val_focus else 0)
     policy.eval()
-    chain = args.task == "colour" and args.val_data == "synthetic"
+    chain = args.task in ("colour", "look") and args.val_data == "synthetic"
     # every rank answers every world-th example; the sums are reduced over ranks at the end
     mine = list(range(ranks.rank, len(data), ranks.world))
     sums = dict(correct=0.0, total=len(mine), tokens=0.0, early=0.0, n_early=0.0, late=0.0, n_late=0.0)
@@ -426,7 +426,7 @@ def validate(run, args):
         out.update(val_focus_early=early, val_focus_late=late,
                    val_focus_ratio=late / early if early > 0 else float("nan"))
     if chain:
-        out.update(tiny.chain_metrics(total, total["total"]))
+        out.update(tiny.chain_metrics(total, total["total"], looks=args.task == "look"))
         out["val_blank_prior_acc"] = tiny.prior_probability(blank_answer, args.copy_prior)
     return out
 
