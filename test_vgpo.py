@@ -2399,6 +2399,118 @@ def test_the_warm_start_stops_at_the_first_check_whose_first_step_reaches_the_ta
     assert steps == 4
 
 
+def test_the_look_tasks_targets_look_or_copy_the_count_before_at_the_share_asked():
+    import random
+    rng = random.Random(0)
+    looks = collections.Counter()
+    for index in range(3000):
+        ex = tiny.look_example(5, index, look=0.3)
+        scene = tiny.colour_example(5, index)
+        assert ex["answer"] == scene["answer"], "the same scene and gold as the colour task"
+        notes, box = ex["solution"].split("\\boxed{")
+        said = [int(c) for c in box[1:-1:2]]
+        truth = [int(c) for c in ex["answer"][1::2]]
+        parts = notes.split()
+        assert tiny.LOOK.fullmatch(parts[0][:parts[0].index("=") + 1]), "red always looks"
+        for k, (name, part) in enumerate(zip("rgb", parts)):
+            if tiny.LOOK.match(part):                                  # "g:47=2": its cells, then the truth
+                cells = part[2:part.index("=")]
+                assert len(cells) == truth[k] == said[k] and list(cells) == sorted(cells)
+                looks[k] += 1
+            else:                                                      # "g=2": the count before it
+                assert part == f"{name}={said[k - 1]}" and said[k] == said[k - 1]
+        assert tiny.chain_looks(ex["solution"]) == {n for k, n in enumerate("rgb") if k == 0 or
+                                                     tiny.LOOK.match(parts[k])}
+        assert ex["free"] == []
+        assert rollout.grade(rollout.extract_answer(ex["solution"], False), ex["answer"]) == (said == truth)
+    assert looks[0] == 3000
+    for k in (1, 2):
+        assert abs(looks[k] / 3000 - 0.3) < 0.03, looks
+    # an all-looking target that does not teach the choice: its free characters are the late ":"s
+    ex = tiny.look_example(5, 1, look=1.0, teach_choice=False)
+    assert [ex["solution"][p - 1:p + 1] for p in ex["free"]] == ["g:", "b:"]
+    # the warm start's mix: even rows all look and leave their choices out, odd rows look at LOOK_SHARE
+    train_set, checks = tiny.warm_start_sets(0, 0.8, 400, n_checks=8, task="look")
+    assert all(train_set[i]["free"] for i in range(0, 400, 2))
+    odd = [tiny.chain_looks(train_set[i]["solution"]) for i in range(1, 400, 2)]
+    assert not any(train_set[i]["free"] for i in range(1, 400, 2))
+    assert abs(statistics.mean(len(looked) - 1 for looked in odd) / 2 - tiny.LOOK_SHARE) < 0.07
+    # its prompts are drawn without the prior, as are its checks: green equals red 1 time in 3
+    same = statistics.mean(train_set[i]["answer"][3] == train_set[i]["answer"][1] for i in range(400))
+    assert abs(same - 1 / 3) < 0.08
+    assert [c["answer"] for c in checks] == [tiny.colour_example(30_000, i)["answer"] for i in range(8)]
+    # RL's training prompts carry the prior, as on the colour task; validation's do not
+    args = train.parse_args(["--task", "look"])
+    longest = "r:123=3 g:456=3 b:789=3 \\boxed{r3g3b3}"                       # and the EOS
+    assert args.copy_prior == 0.8 and args.max_new_tokens >= len(longest) + 1
+    data = dataset.open_data("synthetic", "train", args, seed_offset=0, size=300, copy_prior=args.copy_prior)
+    assert isinstance(data, tiny.LookTask)
+    assert abs(statistics.mean(data[i]["answer"][3] == data[i]["answer"][1] for i in range(300)) - 0.8) < 0.1
+    with pytest.raises(SystemExit):
+        train.parse_args(["--task", "looking"])
+
+
+def test_look_rate_look_accuracy_and_guesses_where_the_prior_misleads_on_hand_made_responses():
+    gold = "r1g2b2"                       # green breaks the prior (2 after 1), blue follows it
+    responses = ["r:5=1 g:38=2 b:17=2 \\boxed{r1g2b2}",     # looks at both late steps, both right
+                 "r:5=1 g=1 b=1 \\boxed{r1g1b1}",           # guesses both: green wrong, misled by the prior
+                 "r:5=1 g:3=1 b=1 \\boxed{r1g1b1}",         # looks at green wrongly, then copies it
+                 "r:5=1 g=1 b:17=2 \\boxed{r1g1b2}",        # guesses green, looks at blue
+                 "\\boxed{r1g2b2}"]                         # no notes: both late steps count as guesses
+    sums = tiny.chain_sums([dict(response=t) for t in responses], [gold] * 5, None)
+    assert (sums["late_steps"], sums["looks"], sums["looks_right"]) == (10, 4, 3)
+    # green's truth differs from red's in every answer (5 breaks); blue's equals green's
+    assert (sums["breaks"], sums["break_guesses"], sums["break_guesses_right"]) == (5, 3, 1)
+    metrics = tiny.chain_metrics(sums, 5, prefix="val_", looks=True)
+    assert metrics["val_look_rate"] == pytest.approx(0.4) and metrics["val_look_acc"] == pytest.approx(0.75)
+    assert metrics["val_guess_acc_breaking"] == pytest.approx(1 / 3)
+    assert metrics["val_step_acc"] == [1.0, 0.4, 0.6]
+    assert "val_look_rate" not in tiny.chain_metrics(sums, 5)             # the colour task's log is unchanged
+    empty = tiny.chain_metrics(tiny.chain_sums([], [], None), 0, looks=True)
+    assert math.isnan(empty["val_look_rate"]) and math.isnan(empty["val_look_acc"])
+
+
+def test_the_look_warm_start_leaves_the_free_choices_out_of_its_loss_and_stops_on_sampled_looks(
+        tiny_model, tiny_model_dir, tmp_path, monkeypatch):
+    model, processor = tiny_model
+    args = train.parse_args(["--task", "look"])
+    free = tiny.look_example(0, 3, look=1.0, teach_choice=False)
+    taught = dict(free, free=[])
+    model.eval()
+    loss_free = tiny.supervised_loss(model, processor, [free], args.instruction)
+    loss_all = tiny.supervised_loss(model, processor, [taught], args.instruction)
+    # the naive reference: -log p of each target token, averaged over the tokens kept
+    tokenizer = processor.tokenizer
+    ids = tokenizer(free["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    responses = torch.tensor([ids])
+    prompts, _ = rollout.encode_prompts(processor, [free], args.instruction)
+    logp, _ = rollout.score(model, prompts, responses, torch.ones_like(responses, dtype=torch.bool))
+    kept = [t for t in range(len(ids)) if t not in free["free"]]
+    # (a free character is still read: the tokens after it are predicted as without the mask)
+    assert loss_all.item() == pytest.approx(-logp[0].mean().item(), rel=1e-5)
+    assert loss_free.item() == pytest.approx(-logp[0, kept].mean().item(), rel=1e-5)
+    assert loss_free.item() != pytest.approx(loss_all.item(), rel=1e-4)
+    # the stopping rule: sampled looks that are right often enough
+    assert tiny.look_warm_start_done({"sampled_look_acc": tiny.LOOK_TARGET})
+    assert not tiny.look_warm_start_done({"sampled_look_acc": tiny.LOOK_TARGET - 0.01})
+    assert not tiny.look_warm_start_done({"sampled_look_acc": float("nan")}), "no looks: not done"
+    # wired in: it checks every LOOK_EVERY steps, stops at the first check the rule accepts and
+    # records its figures; a rule that never accepts runs twice the colour task's max_steps
+    monkeypatch.setattr(tiny, "LOOK_EVERY", 2)
+    seen = []
+    monkeypatch.setattr(tiny, "look_warm_start_done", lambda checked: seen.append(checked) or len(seen) == 2)
+    out, steps, _ = tiny.warm_start(tiny_model_dir, str(tmp_path / "look"), args, master=False, batch=2,
+                                    max_steps=3, n_checks=2)
+    info = json.load(open(os.path.join(out, "warm_start.json")))
+    assert steps == 4 and info["steps"] == 4 and info["task"] == "look"
+    assert json.dumps(info["checks"]) == json.dumps(seen[-1])               # nan where nothing looked
+    assert 0 <= info["checks"]["sampled_look_rate"] <= 1
+    monkeypatch.setattr(tiny, "look_warm_start_done", lambda checked: False)
+    _, steps, _ = tiny.warm_start(tiny_model_dir, str(tmp_path / "never"), args, master=False, batch=2,
+                                  max_steps=3, n_checks=2)
+    assert steps == 6
+
+
 def test_the_shuffled_focus_control_keeps_each_responses_values_and_moves_them():
     gen = torch.Generator().manual_seed(0)
     focus = torch.rand(6, 9, generator=gen)

@@ -467,12 +467,12 @@ def warm_start_done(first_step_accuracy, target):
 LOOK_SHARE, LOOK_TARGET, LOOK_EVERY = 0.3, 0.85, 40
 
 
-def look_warm_start_done(checked, target=LOOK_TARGET):
+def look_warm_start_done(checked):
     """The look task's stopping rule, on look_checks' sampled figures: looking is mostly right,
     so that RL starts from a policy whose looks pay and whose guesses are a prior. The share
     of steps that look is set by the targets (LOOK_SHARE), not by the stop.
     Example: {"sampled_look_acc": 0.87, ...} -> True."""
-    return checked["sampled_look_acc"] >= target
+    return checked["sampled_look_acc"] >= LOOK_TARGET          # nan (nothing looked) never stops
 
 
 def look_checks(model, processor, checks, args, samples=4):
@@ -512,13 +512,14 @@ def supervised_loss(model, processor, examples, instruction):
     width = max(map(len, targets))
     responses = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in targets])  # (B, W)
     mask = torch.arange(width) < torch.tensor([len(t) for t in targets]).unsqueeze(1)           # (B, W)
+    prompts, _ = rollout.encode_prompts(processor, examples, instruction)
+    logp, _ = rollout.score(model, prompts, responses, mask)                                    # (B, W)
+    taught = mask.clone()                    # a free character is still read, but not a target
     for i, ex in enumerate(examples):
         if ex.get("free"):
             assert len(targets[i]) == len(ex["solution"]) + 1, "free characters need one token each"
-            mask[i, ex["free"]] = False
-    prompts, _ = rollout.encode_prompts(processor, examples, instruction)
-    logp, _ = rollout.score(model, prompts, responses, mask)                                    # (B, W)
-    return -(logp * mask).sum() / mask.sum()           # mean cross-entropy over response tokens
+            taught[i, ex["free"]] = False
+    return -(logp * taught).sum() / taught.sum()       # mean cross-entropy over the taught tokens
 
 
 def warm_start_check(model, processor, checks, args, target):
