@@ -35,7 +35,10 @@ Sections 3-5 (each case in a fresh child process, so its peak memory is its own)
    each response; φ a mean, not a sum) trained from one shared warm start per seed, seeds
    0..N-1: held-out and per-step accuracy, blank-image accuracy on prior prompts, the share
    of late errors that copy, the focus / image-dependence rank correlation at the start and
-   the end, paired differences with standard errors, and docs/forgetting.png.
+   the end, paired differences with standard errors, and docs/forgetting.png. With
+   --forgetting_task look, the same arms on the look task (each late step looks at its cells
+   or guesses from the count before): how fast held-out accuracy rises, and the sampled look
+   rate, look accuracy and guess accuracy (--look_checks), in docs/forgetting_look.png.
 11. (--recipe paper7b, on its own) the counts that set the 7B recipe's GPU time, before and
    after pooled sampling, token-budget generate() calls, hook-free FSDP sampling and the
    one load per job: sampling rounds per step and prompts drawn per kept group (the
@@ -785,7 +788,10 @@ def forgetting_run(out, task="colour"):
                curve=curve, steps=last["val_step_acc"], step_focus=last["val_step_focus"],
                start_step_focus=rows[0]["start_val_step_focus"])
     if task == "look":
+        # looking is learned in a few dozen steps, so how fast matters as much as where a run
+        # ends: held-out accuracy at steps 5 and 10, and its mean over every validation
         at = {r["step"]: r["val_acc"] for r in rows if "val_acc" in r}
+        # sampled, as RL samples: a late step that looks 3 times in 10 never looks greedily
         checked = json.load(open(os.path.join(out, "look_checks.json")))
         sampled = {f"{k}_{when}": checked[when][f"sampled_{k}"] for when in ("start", "end")
                    for k in ("acc", "look_rate", "look_acc", "guess_acc_breaking")}
@@ -804,12 +810,14 @@ def look_checks(run_dir, prompts=500, samples=2):
     with open(os.path.join(run_dir, "config.json")) as f:
         seed = json.load(f)["seed"]
     args = config.parse_args(["--task", "look", "--seed", str(seed)])
-    checks = [tiny.look_example(seed + 10_000, i) for i in range(prompts)]    # validation's prompts
+    # validation's prompts (dataset.open_data: seed + 10_000, drawn without the prior), so that the
+    # sampled figures and the greedy log describe the same 500 scenes
+    checks = [tiny.look_example(seed + 10_000, i) for i in range(prompts)]
     out = {}
     for when, ckpt in (("start", os.path.join(run_dir, "tiny-init-warm")),
                        ("end", checkpoints.latest_checkpoint(run_dir))):
         model, processor, _ = models.load_model(ckpt, args, torch.device("cpu"))
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)                    # the same draws for the warm start and the end
         out[when] = tiny.look_checks(model, processor, checks, args, samples)
     with open(os.path.join(run_dir, "look_checks.json"), "w") as f:
         json.dump(out, f)
