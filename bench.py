@@ -94,7 +94,7 @@ parser.add_argument("--forgetting_arms", nargs="+", default=None,
                     help="section 10: only these arms (default: all four)")
 parser.add_argument("--forgetting_steps", type=int, default=None,
                     help="section 10: RL steps of each run (default: 150 on the colour task, the embedded "
-                         "default's; 30 on the look task, where looking is learned in about 25)")
+                         "default's; 30 on the look task, which is learned faster: BENCHMARKS.md)")
 parser.add_argument("--forgetting_task", choices=["colour", "look"], default="colour",
                     help="section 10: colour = the embedded default (the late-step prior); look = each late "
                          "step looks at its cells or guesses from the count before (tiny.py), so that a "
@@ -680,11 +680,14 @@ def read_run(out):
 
 
 def mean_sd(values):
-    values = [v for v in values if v is not None and v == v]          # drop None and nan
-    if not values:
+    """"mean ± sd", over the values that are numbers; "(n=3)" after it when some were not (a
+    share of nothing, such as the accuracy of guesses where nothing guessed, is nan)."""
+    kept = [v for v in values if v is not None and v == v]            # drop None and nan
+    if not kept:
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+    sd = statistics.stdev(kept) if len(kept) > 1 else 0.0
+    dropped = f" (n={len(kept)})" if len(kept) < len(values) else ""
+    return f"{statistics.mean(kept):.3f} ± {sd:.3f}{dropped}"
 
 
 def vgpo_vs_dapo(seeds, runs_dir, jobs):
@@ -795,7 +798,10 @@ def forgetting_run(out, task="colour"):
         checked = json.load(open(os.path.join(out, "look_checks.json")))
         sampled = {f"{k}_{when}": checked[when][f"sampled_{k}"] for when in ("start", "end")
                    for k in ("acc", "look_rate", "look_acc", "guess_acc_breaking")}
-        run.update(acc_5=at.get(5, float("nan")), acc_10=at.get(10, float("nan")),
+        # and the training reward of the first 5 steps, sampled on the prior's prompts: every step's,
+        # where validation sees only step 5
+        run.update(reward_1_5=statistics.mean(r["reward"] for r in rows if 1 <= r.get("step", 0) <= 5),
+                   acc_5=at.get(5, float("nan")), acc_10=at.get(10, float("nan")),
                    acc_mean=statistics.mean(at.values()), look_rate_greedy=last["val_look_rate"], **sampled)
     return run
 
@@ -808,8 +814,11 @@ def look_checks(run_dir, prompts=500, samples=2):
     import config
     import tiny
     with open(os.path.join(run_dir, "config.json")) as f:
-        seed = json.load(f)["seed"]
+        saved = json.load(f)
+    seed = saved["seed"]
     args = config.parse_args(["--task", "look", "--seed", str(seed)])
+    for name in ("temperature", "top_p", "max_new_tokens", "instruction"):       # as the run sampled
+        setattr(args, name, saved[name])
     # validation's prompts (dataset.open_data: seed + 10_000, drawn without the prior), so that the
     # sampled figures and the greedy log describe the same 500 scenes
     checks = [tiny.look_example(seed + 10_000, i) for i in range(prompts)]
@@ -830,15 +839,16 @@ FORGETTING_COLUMNS = {
                ("last", "step 3 acc"), ("blank_prior", "blank-image acc, prior prompts"),
                ("copy_share", "late errors that copy"), ("rho_start", "focus~dependence rho, start"),
                ("rho_end", "rho, end"), ("minutes", "minutes")],
-    "look": [("acc_5", "held-out acc, step 5"), ("acc_10", "step 10"), ("acc", "end"),
+    "look": [("reward_1_5", "training reward, steps 1-5"), ("acc_5", "held-out acc, step 5"),
+             ("acc_10", "step 10"), ("acc", "end"),
              ("acc_mean", "mean over validations"),
              ("acc_end", "sampled acc, end"), ("look_rate_start", "sampled look rate, start"),
              ("look_rate_end", "look rate, end"), ("look_acc_end", "look acc, end"),
              ("guess_acc_breaking_end", "guess acc where the prior misleads, end"),
              ("rho_start", "focus~dependence rho, start"), ("rho_end", "rho, end"), ("minutes", "minutes")]}
 FORGETTING_DIFFERENCES = {"colour": ("acc", "last", "blank_prior", "copy_share", "rho_end"),
-                          "look": ("acc_5", "acc_10", "acc_mean", "acc", "acc_end", "look_rate_end",
-                                   "rho_end")}
+                          "look": ("reward_1_5", "acc_5", "acc_10", "acc_mean", "acc", "acc_end",
+                                   "look_rate_end", "rho_end")}
 
 
 def forgetting(seeds, runs_dir, jobs, steps=None, val_size=500, arms=None, task="colour"):
@@ -846,14 +856,16 @@ def forgetting(seeds, runs_dir, jobs, steps=None, val_size=500, arms=None, task=
     import config
     import parallel
     import tiny
-    steps = steps or (30 if task == "look" else 150)
+    steps = steps if steps is not None else (30 if task == "look" else 150)
+    # the look task's folders are named apart, so that one --runs_dir holds both experiments
+    tag = "" if task == "colour" else f"{task}-"
     # each seed's warm start once; every arm of the seed starts from a copy of it (paired)
     for seed in range(seeds):
-        warm = os.path.join(runs_dir, f"warm-{seed}")
+        warm = os.path.join(runs_dir, f"{tag}warm-{seed}")
         if not os.path.exists(os.path.join(warm, "tiny-init-warm", "model.safetensors")):
             tiny.starting_model(config.parse_args(["--seed", str(seed), "--out_dir", warm, "--task", task]),
                                 parallel.Ranks())
-    slug = lambda arm: arm.lower().replace(", ", "-").replace(" ", "-")
+    slug = lambda arm: tag + arm.lower().replace(", ", "-").replace(" ", "-")
     arms = {arm: FORGETTING_ARMS[arm] for arm in (arms or FORGETTING_ARMS)}
     todo = [(arm, seed) for seed in range(seeds) for arm in arms
             if not os.path.exists(os.path.join(runs_dir, f"{slug(arm)}-{seed}", "eval_done"))]
@@ -864,10 +876,10 @@ def forgetting(seeds, runs_dir, jobs, steps=None, val_size=500, arms=None, task=
         out = os.path.join(runs_dir, f"{slug(arm)}-{seed}")
         for part in ("tiny-init", "tiny-init-warm"):
             if not os.path.exists(os.path.join(out, part)):
-                shutil.copytree(os.path.join(runs_dir, f"warm-{seed}", part), os.path.join(out, part))
-        # 500 held-out prompts, validated every 50 steps (every 5 on the look task, which learns in
-        # about 25); then eval.py scores the warm start and the final checkpoint with --focus (the
-        # focus / image dependence correlation), and on the look task look_checks samples both
+                shutil.copytree(os.path.join(runs_dir, f"{tag}warm-{seed}", part), os.path.join(out, part))
+        # 500 held-out prompts, validated every 50 steps (every 5 on the look task's 30); then
+        # eval.py scores the warm start and the final checkpoint with --focus (the focus / image
+        # dependence correlation), and on the look task look_checks samples both
         every = "5" if task == "look" else "50"
         train_flags = ["--task", task, "--val_size", str(val_size), "--val_every", every,
                        "--max_steps", str(steps), *arms[arm]]

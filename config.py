@@ -77,8 +77,8 @@ TASKS = {
     "colour": dict(max_new_tokens=16, val_max_new_tokens=16, temperature=1.0, lr=3e-4,
                    max_steps=150, lr_schedule="cosine", val_every=10, bare_answers=False, copy_prior=0.8),
     # the colour task's scenes, each late step looking at its cells ("g:47=2") or guessing
-    # from the count before it ("g=2"): the control experiment of bench.py --forgetting --task
-    # look, in which a group's responses take different paths (tiny.look_example). 42 new
+    # from the count before it ("g=2"): the control experiment of bench.py --forgetting N
+    # --forgetting_task look, in which a group's responses take different paths (tiny.look_example). 42 new
     # tokens: three looks at 3 cells each (24), the box (14), the EOS, and 3.
     "look": dict(max_new_tokens=42, val_max_new_tokens=42, temperature=1.0, lr=3e-4,
                  max_steps=100, lr_schedule="cosine", val_every=10, bare_answers=False, copy_prior=0.8),
@@ -136,8 +136,8 @@ def build_parser(description=""):
     g.add_argument("--task", default="colour", choices=sorted(TASKS),
                    help="the synthetic task: colour = count red, green, blue squares step by step (tiny.py), "
                         "look = the same, each late step looking at its cells or guessing from the count "
-                        "before (a control experiment: bench.py --forgetting N --task look), count = how "
-                        "many squares, one token")
+                        "before (a control experiment: bench.py --forgetting N --forgetting_task look), "
+                        "count = how many squares, one token")
     g.add_argument("--copy_prior", type=float, default=0.0,
                    help="colour and look tasks: P(a count equals the one before it) in the TRAINING "
                         "prompts, a text prior that late steps can follow instead of the image (0 = "

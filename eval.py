@@ -279,8 +279,9 @@ def check_failures(name, summary, records):
                          f"{benchmarks.PAPO_LAYOUT}.")
 
 
-def summarise(records, with_focus, tokenizer=None):
-    """accuracy over every sample (failed images included), and focus by correctness."""
+def summarise(records, with_focus, tokenizer=None, looks=False):
+    """accuracy over every sample (failed images included), and focus by correctness; with
+    `looks` (a run of the look task) also its look figures (tiny.chain_metrics)."""
     # n counts every sample: failed images and bad rows are wrong answers, never dropped
     n = len(records)
     out = {"n": n, "accuracy": sum(r["correct"] for r in records) / max(n, 1),
@@ -313,7 +314,7 @@ def summarise(records, with_focus, tokenizer=None):
             chained = [dict(response=r["response"], tokens=r["_tokens"]["ids"],
                             focus=torch.tensor(r["_tokens"]["focus"])) for r in records if "_tokens" in r]
             sums = tiny.chain_sums(chained, [r["gold"] for r in records if "_tokens" in r], tokenizer)
-            out.update(tiny.chain_metrics(sums, len(chained), prefix=""))
+            out.update(tiny.chain_metrics(sums, len(chained), prefix="", looks=looks))
     return out
 
 
@@ -458,7 +459,8 @@ def score_checkpoint(ckpt, cfg, names, args, rank, world, device):
                   f"{rollout.describe_sampling(0, 1.0)})", file=sys.stderr)
         records = run_benchmark(policy, processor, samples, finder, args, instruction, bare, max_new,
                                 None, rank, world, device, budget)
-        summary[label] = summarise(records, args.focus, processor.tokenizer)
+        summary[label] = summarise(records, args.focus, processor.tokenizer,
+                                   looks=label == "validation" and cfg.task == "look")
         check_failures(label, summary[label], records)
         # one instruction per prompt: PAPO_eval's questions carry their own. Written into
         # summary.json, so that a score says which prompt produced it

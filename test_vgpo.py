@@ -2490,6 +2490,19 @@ def test_the_look_warm_start_leaves_the_free_choices_out_of_its_loss_and_stops_o
     assert loss_all.item() == pytest.approx(-logp[0].mean().item(), rel=1e-5)
     assert loss_free.item() == pytest.approx(-logp[0, kept].mean().item(), rel=1e-5)
     assert loss_free.item() != pytest.approx(loss_all.item(), rel=1e-4)
+    # a padded batch of responses of unequal lengths: the mean over every real token, as each
+    # response scored on its own (no free characters: the colour task's loss is this one)
+    examples = [tiny.look_example(0, i, look=0.5) for i in range(4)]
+    assert len({len(ex["solution"]) for ex in examples}) > 1
+    total, count = 0.0, 0
+    for ex in examples:
+        ids = torch.tensor([tokenizer(ex["solution"], add_special_tokens=False)["input_ids"] +
+                            [tokenizer.eos_token_id]])
+        prompts, _ = rollout.encode_prompts(processor, [ex], args.instruction)
+        logp, _ = rollout.score(model, prompts, ids, torch.ones_like(ids, dtype=torch.bool))
+        total, count = total - logp.sum().item(), count + ids.shape[1]
+    batched = tiny.supervised_loss(model, processor, examples, args.instruction).item()
+    assert batched == pytest.approx(total / count, rel=1e-4)
     # the stopping rule: sampled looks that are right often enough
     assert tiny.look_warm_start_done({"sampled_look_acc": tiny.LOOK_TARGET})
     assert not tiny.look_warm_start_done({"sampled_look_acc": tiny.LOOK_TARGET - 0.01})
@@ -2509,6 +2522,9 @@ def test_the_look_warm_start_leaves_the_free_choices_out_of_its_loss_and_stops_o
     _, steps, _ = tiny.warm_start(tiny_model_dir, str(tmp_path / "never"), args, master=False, batch=2,
                                   max_steps=3, n_checks=2)
     assert steps == 6
+    # one task's cached warm start is never another's starting policy
+    with pytest.raises(SystemExit, match="holds the warm start of --task look"):
+        tiny.warm_start(tiny_model_dir, out, train.parse_args([]), master=False, batch=2, max_steps=3)
 
 
 def test_the_shuffled_focus_control_keeps_each_responses_values_and_moves_them():

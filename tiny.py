@@ -267,7 +267,8 @@ class ColourCountingTask(SyntheticTask):
 # weight has nothing to choose between. Here each late step (green, blue) either LOOKS, naming
 # the cells of its colour and then the count ("g:47=2": green squares in cells 4 and 7), or
 # GUESSES, repeating the count before it ("g=2"): the text prior, right 4 times in 5 on the
-# training prompts (copy_prior 0.8) and never on a held-out step whose count changes. The red
+# training prompts (copy_prior 0.8), and on a held-out step whose count changes only where the
+# step before was itself wrong. The red
 # step always looks: nothing comes before it. Graded from the \boxed{} as on the colour task:
 #     "r:15=2 g:47=2 b:368=3 \boxed{r2g2b3}"    every step looks (right)
 #     "r:15=2 g=2 b=2 \boxed{r2g2b2}"           green and blue guess (blue is wrong)
@@ -462,8 +463,8 @@ def warm_start_done(first_step_accuracy, target):
 
 # the look task's warm start: the share of looking late steps in its targets, and its stop:
 # sampled late steps that look are right LOOK_TARGET of the time (checked every LOOK_EVERY
-# steps). Probes: looking is right 0.5 of the time after 200 steps without the all-looking
-# half of the mix, 0.8-0.9 after 300 with it; sampled look rates stay near 0.3.
+# steps). Without the all-looking half of the mix, looking is learned from 3 targets in 10
+# and stays far less accurate (BENCHMARKS.md, the look task).
 LOOK_SHARE, LOOK_TARGET, LOOK_EVERY = 0.3, 0.85, 40
 
 
@@ -480,14 +481,15 @@ def look_checks(model, processor, checks, args, samples=4):
     --temperature as RL samples: chain_metrics' figures (look rate, look accuracy, guess
     accuracy where the prior misleads, step accuracy), prefixed "sampled_", and the accuracy.
     Before RL, looking should be mostly right (>= 0.8), guessing mostly wrong where the prior
-    misleads (<= 0.3), and 10-40% of the late steps should look."""
+    misleads (<= 0.3), and 10-40% of the late steps should look. Step accuracy is read from
+    the box (chain_steps); a late step written without its cells counts as a guess."""
     import rollout
 
     model.eval()
     prompts, _ = rollout.encode_prompts(processor, checks * samples, args.instruction)
     with torch.no_grad():
         responses, mask, _ = rollout.generate(model, processor, prompts, max_new_tokens=args.max_new_tokens,
-                                              temperature=args.temperature)
+                                              temperature=args.temperature, top_p=args.top_p)
     texts = processor.batch_decode(torch.where(mask, responses, processor.tokenizer.pad_token_id),
                                    skip_special_tokens=True)
     golds = [c["answer"] for c in checks] * samples
@@ -542,7 +544,7 @@ def warm_start_check(model, processor, checks, args, target):
 
 def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_every=2, max_steps=300,
                target=0.8, n_checks=128, stop=None):
-    """Write `model_path` after a short supervised warm start on the colour task to `out_path`.
+    """Write `model_path` after a short supervised warm start on the colour or look task to `out_path`.
 
     The stand-in for "-Instruct": the paper starts RL from Qwen2.5-VL-7B-Instruct, a policy
     that already answers in the expected format. Here the tiny random model is trained with
@@ -570,6 +572,9 @@ def warm_start(model_path, out_path, args, master, batch=64, lr=1e-3, check_ever
     if os.path.exists(os.path.join(out_path, "model.safetensors")):
         with open(os.path.join(out_path, "warm_start.json")) as f:
             info = json.load(f)
+        if info.get("task", "colour") != args.task:           # another task's policy: never reused
+            raise SystemExit(f"{out_path} holds the warm start of --task {info.get('task', 'colour')}, not "
+                             f"--task {args.task}: give this run its own --out_dir")
         return out_path, info["steps"], info["accuracy"]
     torch.manual_seed(args.seed)
     model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
@@ -625,7 +630,8 @@ def starting_model(args, ranks, stop=None):
         if warm:
             done, steps, accuracy = warm_start(path, path + "-warm", args, ranks.master, stop=stop)
             if done:
-                print(f"warm start: {steps} supervised steps, held-out greedy accuracy {accuracy:.2f}")
+                how = "sampled" if args.task == "look" else "greedy"
+                print(f"warm start: {steps} supervised steps, held-out {how} accuracy {accuracy:.2f}")
     if ranks.world > 1:
         import torch.distributed as dist
         dist.barrier()                          # the folder is written before any rank reads it

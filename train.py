@@ -368,9 +368,9 @@ def validate(run, args):
     """Greedy accuracy of the run's policy on its validation set, sharded over ranks
     (rollout.answer_greedily, the same scoring as eval.py's benchmarks), with the mean
     response length and, with --val_focus, the late / early visual focus of the answers
-    (rollout.focus_profile). On the colour task also where the chain goes wrong
+    (rollout.focus_profile). On the colour and look tasks also where the chain goes wrong
     (tiny.chain_sums): accuracy and focus at each step, the share of late errors that copy
-    the step before, and accuracy on blank images of prior prompts (see below)."""
+    the step before, blank-image accuracy on prior prompts (below), and the look figures."""
     parallel.entering("validation")
     policy, processor, data, ranks = run.policy, run.processor, run.val_data, run.ranks
     # the memory plan's room at the prompts' lengths, at most --val_batch prompts a call (with
@@ -475,7 +475,7 @@ def set_up(args, stop):
     resume_from = checkpoints.start_or_resume(args, ranks.master)
     if resume_from:
         config.check_same_run(checkpoints.saved_config(resume_from), args, resume_from, ranks.master)
-    # the embedded default: built once per out_dir, then (colour task) its supervised warm start
+    # the embedded default: built once per out_dir, then (colour, look) its supervised warm start
     start_model = tiny.starting_model(args, ranks, stop) if args.model == "tiny" else args.model
     if checkpoints.stopped_in_set_up(ranks, stop, args.out_dir):    # a signal: nothing to save yet
         return None
