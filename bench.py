@@ -939,7 +939,8 @@ def plot_chain(results, path, task="colour"):
             ax.plot(["red (1)", "green (2)", "blue (3)"], torch.tensor(values).mean(0), color=colour,
                     marker="o", label=f"{label} ({len(values)} seeds)")
     axes[0].set_ylabel("held-out accuracy of the step")
-    axes[1].set_ylabel("visual focus at the step's digit")
+    # (on the look task the digit in the box, after the notes: it copies the note's count)
+    axes[1].set_ylabel("visual focus at the step's digit" + (" in the box" if task == "look" else ""))
     for ax in axes:
         ax.set_xlabel("step of the chain")
         ax.grid(alpha=0.3)
