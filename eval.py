@@ -308,7 +308,8 @@ def summarise(records, with_focus, tokenizer=None, looks=False):
         out["focus_dependence_spearman"] = rollout.rank_correlation(focus, dependence)
         out["mean_image_dependence"] = float(dependence.mean()) if len(dependence) else float("nan")
         out["scored_tokens"] = len(focus)
-        # the colour task's chain: accuracy and focus at each step, late errors that copy (tiny.py)
+        # the colour and look tasks' chain: accuracy and focus at each step, late errors that copy
+        # (tiny.py); on the look task also how often and how well its late steps look
         golds = [r["gold"] for r in records]
         if records and all(tiny.STEP.fullmatch(str(g)[:2]) and len(str(g)) == 6 for g in golds):
             chained = [dict(response=r["response"], tokens=r["_tokens"]["ids"],

@@ -2527,6 +2527,22 @@ def test_the_look_warm_start_leaves_the_free_choices_out_of_its_loss_and_stops_o
         tiny.warm_start(tiny_model_dir, out, train.parse_args([]), master=False, batch=2, max_steps=3)
 
 
+def test_evals_focus_summary_carries_the_look_figures_of_a_look_run_only():
+    tokenizer = tiny.build_tokenizer()
+    records = []
+    for text, correct in (("r:5=1 g:38=2 b=2 \\boxed{r1g2b2}", True),       # green looks, blue guesses
+                          ("r:5=1 g=1 b=1 \\boxed{r1g1b1}", False)):       # both guess
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        records.append(dict(response=text, correct=correct, image_ok=True, gold="r1g2b2",
+                            focus_thirds=[0.1, 0.2, 0.3], _tokens=dict(ids=ids, focus=[0.5] * len(ids),
+                                                                      dependence=[0.1] * len(ids))))
+    looked = evaluate.summarise(records, True, tokenizer, looks=True)
+    assert looked["look_rate"] == pytest.approx(1 / 4) and looked["look_acc"] == pytest.approx(1.0)
+    assert looked["guess_acc_breaking"] == 0.0 and looked["step_acc"] == [1.0, 0.5, 0.5]
+    plain = evaluate.summarise(records, True, tokenizer)
+    assert "look_rate" not in plain and plain["step_acc"] == looked["step_acc"]
+
+
 def test_the_shuffled_focus_control_keeps_each_responses_values_and_moves_them():
     gen = torch.Generator().manual_seed(0)
     focus = torch.rand(6, 9, generator=gen)
