@@ -845,6 +845,7 @@ FORGETTING_COLUMNS = {
              ("acc_end", "sampled acc, end"), ("look_rate_start", "sampled look rate, start"),
              ("look_rate_end", "look rate, end"), ("look_acc_end", "look acc, end"),
              ("guess_acc_breaking_end", "guess acc where the prior misleads, end"),
+             ("last", "step 3 acc, end"), ("blank_prior", "blank-image acc, prior prompts"),
              ("rho_start", "focus~dependence rho, start"), ("rho_end", "rho, end"), ("minutes", "minutes")]}
 FORGETTING_DIFFERENCES = {"colour": ("acc", "last", "blank_prior", "copy_share", "rho_end"),
                           "look": ("reward_1_5", "acc_5", "acc_10", "acc_mean", "acc", "acc_end",
