@@ -209,6 +209,46 @@ def child_logp(chunk):
     return dict(peak=peak_memory(), extra=peak_memory() - before)
 
 
+def child_shared_prefill(size, new_tokens):
+    """Seconds of one rollout round, 16 colour-task prompts x G = 8 (the default job's), with
+    every row prefilled (before) and each prompt prefilled once for its 8 samples (after)."""
+    import tiny
+    import train
+
+    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), f"vgpo-bench-{size}"), seed=0,
+                                 **MODELS[size])
+    targs = train.parse_args([])
+    model, processor, _ = models.load_model(path, targs, DEVICE, fast_vision=targs.fast_vision)
+    batch, images_per_row = rollout.encode_prompts(processor, [tiny.colour_example(1, i) for i in range(16)],
+                                                   "")
+    # before: the 128 rows of the round, each prompt repeated 8 times, each row prefilled;
+    # after: the 16 prompts once, and 8 samples of each from their shared cache
+    repeats = torch.full((16,), 8)
+    rows, _ = rollout.take_rows(batch, images_per_row, torch.arange(16).repeat_interleave(repeats))
+    cases = {"before": (rollout.to_device(rows, DEVICE), None), "after": (rollout.to_device(batch, DEVICE),
+                                                                          repeats)}
+    out = {}
+    for name, (prompts, counts) in cases.items():
+        def call():
+            torch.manual_seed(0)                     # both draw the same random numbers
+            with rollout.autocast(DEVICE):
+                out[name] = rollout.generate(model, processor, prompts, max_new_tokens=int(new_tokens),
+                                             repeats=counts)
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+        call()                                       # a warm-up, then the median of 3
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        out[name + "_s"] = statistics.median(times)
+    # the same random numbers and the same logits: the same tokens, masks and truncations
+    same = all(torch.equal(a, b) for a, b in zip(out["before"], out["after"]))
+    return dict(before=out["before_s"], after=out["after_s"], same=same,
+                prompt_len=int(batch["attention_mask"].sum(1).max()))
+
+
 def child_fsdp_generate(size):
     """Tokens/s of the same sampling, plain model vs sharded with full weights gathered."""
     import torch.distributed as dist
@@ -588,7 +628,8 @@ if args.child:
         child_load(rest[0], ":".join(rest[1:]))
         sys.exit(0)
     result = (child_step(rest[0], rest[1] == "vgpo") if kind == "step" else
-              child_fsdp_generate(rest[0]) if kind == "fsdpgen" else child_logp(int(rest[0])))
+              child_fsdp_generate(rest[0]) if kind == "fsdpgen" else
+              child_shared_prefill(*rest) if kind == "prefill" else child_logp(int(rest[0])))
     print(json.dumps(result))
     sys.exit(0)
 
@@ -1106,6 +1147,87 @@ def pooled_sampling(world, batch, rate, max_tries, rng, mini_batches=4):
     return rounds, drawn, drawn, sum(held), busiest, max(held), most
 
 
+def assumed_lengths(rng, spread):
+    """One response length, 1-2048 tokens, under an ASSUMED spread (no real rollout of the
+    7B policy is at hand): "uniform" over 1-2048, or "lognormal" with a median of 400
+    tokens and sigma 0.7 (so about 1 in 100 reaches the 2048 cap)."""
+    # uniform: as many short answers as long ones, the widest spread a 2048 cap allows
+    if spread == "uniform":
+        return rng.randint(1, 2048)
+    # lognormal: most answers a few hundred tokens, a long tail of long ones
+    return max(1, min(2048, round(rng.lognormvariate(math.log(400), 0.7))))
+
+
+def padding_table(preset, budget, rng, samples=200):
+    """The padded share of the update's tokens, before (micro-batches cut in stream order)
+    and after (models.micro_batches: longest first), on one rank's part of a mini-batch;
+    and the share of a generate() call's decode row-steps spent on rows already finished."""
+    groups = preset.mini_batch // 8                    # a rank's groups of a mini-batch on 8 ranks
+    # the 7B policy's response lengths are unknown here (no GPU, no hub), so two spreads are
+    # assumed and said to be: the figures show what the rule saves under each, not a forecast
+    print()
+    print(f"padding, one rank's {groups} groups x {preset.group_size} of a mini-batch on 8 ranks, "
+          f"--micro_batch {preset.micro_batch}, prompts 500-1000 tokens (one length a group), {samples} "
+          f"mini-batches; the response lengths are assumed, not measured:")
+    print("| response lengths | update padded, before: in order | after: longest first | "
+          "decode row-steps on finished rows (rows a call) |")
+    print("|---|---|---|---|")
+    # the preset's micro-batching: --micro_batch rows each (no token budget)
+    args = argparse.Namespace(micro_batch=preset.micro_batch, micro_tokens=0)
+    for spread in ("uniform", "lognormal"):
+        before, after, idle = [], [], []
+        for _ in range(samples):
+            # a group's 8 rows share their prompt's length; each response has its own
+            prompts = [p for p in (rng.randint(500, 1000) for _ in range(groups)) for _ in range(8)]
+            responses = [assumed_lengths(rng, spread) for _ in prompts]
+            # a rollout of those lengths: left-padded prompts, right-padded responses
+            roll = rollout.Rollout(
+                prompts={"attention_mask": torch.tensor([[0] * (1000 - p) + [1] * p for p in prompts])},
+                images_per_row=torch.ones(len(prompts)), responses=torch.zeros(len(prompts), 2048),
+                mask=torch.arange(2048) < torch.tensor(responses)[:, None], reward=torch.zeros(len(prompts)),
+                group_ids=torch.arange(len(prompts)) // 8)
+            # before: the rows in stream order, a group's rows side by side, cut every 4
+            rows = torch.arange(len(prompts))
+            before.append(models.padded_share(roll, list(rows.split(preset.micro_batch))))
+            after.append(models.padded_share(roll, models.micro_batches(roll, rows, args)))
+            # a generate() call runs until its longest row is done; the others ride along
+            call = [assumed_lengths(rng, spread) for _ in range(budget.rows(1000, preset.max_new_tokens))]
+            idle.append(1 - sum(call) / (len(call) * max(call)))
+        rows_a_call = budget.rows(1000, preset.max_new_tokens)
+        print(f"| {spread} | {statistics.mean(before):.1%} | {statistics.mean(after):.1%} | "
+              f"{statistics.mean(idle):.1%} ({rows_a_call}) |")
+
+
+def shared_prefill_table(preset, budget, n_params):
+    """Rows per generate() call of the 7B plan, and one CPU rollout round's time, before and
+    after each prompt is prefilled once for its G samples (models.prefill_once)."""
+    import train
+    from test_vgpo import qwen25_vl_7b_config
+
+    # before: every row pays a whole prompt's prefill transient, as a static cache still does
+    static = train.parse_args(["--preset", "paper7b", "--decode_cache", "static"])
+    every_row = models.memory_plan(qwen25_vl_7b_config(), n_params, n_params, static, 8, 80 * 2**30)["budget"]
+    print()
+    print(f"rows per generate() call, the same plan, + {preset.max_new_tokens} new tokens: every row "
+          f"prefilled (before) or each prompt once for its {preset.group_size} samples (after):")
+    print("| longest prompt of the call (tokens) | before: every row prefilled | after: a prompt once |")
+    print("|---|---|---|")
+    for length in (512, 1024, 2048, 4096):
+        print(f"| {length} | {every_row.rows(length, preset.max_new_tokens)} | "
+              f"{budget.rows(length, preset.max_new_tokens)} |")
+    # the time it saves, measured here: the default job's round, and longer responses, where
+    # decoding (which sharing does not change) takes a larger part of the round
+    print()
+    print("one rollout round, 16 colour-task prompts x 8 (CPU seconds, median of 3): every row prefilled "
+          "(before) vs each prompt once (after)")
+    print("| model | new tokens | prompt tokens | before | after | after / before | samples |")
+    print("|---|---|---|---|---|---|---|")
+    for size, new in (("tiny", 16), ("tiny", 64), ("mid", 16)):
+        r = run_child(f"prefill:{size}:{new}")      # a fresh process per case
+        print(f"| {size} | {new} | {r['prompt_len']} | {r['before']:.3f} | {r['after']:.3f} | "
+              f"{r['after'] / r['before']:.2f} | {'the same' if r['same'] else 'differ'} |")
+
+
 def recipe_table(steps=2000, rate=0.5):
     """Section 11: print the counts, before and after, for the paper's recipe."""
     import tiny
@@ -1149,6 +1271,11 @@ def recipe_table(steps=2000, rate=0.5):
     # before, the preset fixed 32 rows for every call, sized for the longest prompt (4096)
     for length in (512, 1024, 2048, 4096):
         print(f"| {length} | 32 | {budget.rows(length, preset.max_new_tokens)} |")
+
+    # what sharing a group's prefill adds to the rows a call holds, and its time on a CPU
+    shared_prefill_table(preset, budget, n_params)
+    # the update's padding and the decode steps of finished rows, under assumed lengths
+    padding_table(preset, budget, random.Random(0))
 
     # FSDP hook calls per decoding step: generate through the FSDP units vs the hook-free twin
     r = run_child("fsdpgen:tiny")

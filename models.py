@@ -5,10 +5,12 @@ memory plan checked before loading. Skip it on a first read.
     ---- loading ----       load_model: hub id or local folder, float32 master weights,
                             flash-attn when present (else sdpa), the processor's pixel bounds
     ---- vision speed ----  speed_up_vision: the vision windows in one attention call, each
-                            distinct image encoded once; the same numbers, far fewer launches
+                            distinct image encoded once; the same numbers, far fewer launches;
+                            prefill_once: a group's G samples prefilled once
     ---- memory plan ----   bytes per rank by part, from the config alone (the meta device),
                             checked against the GPU before minutes are spent loading; and
-                            micro_batches, the update's forwards cut to a token budget
+                            micro_batches, the update's forwards cut to a token budget, longest
+                            rows first
 """
 
 import functools
@@ -265,6 +267,48 @@ def encode_images_once(model):
     return True
 
 
+def shares_prefill(config, cache="dynamic"):
+    """Whether generate(repeats=...) can prefill each prompt once for all its samples: a
+    Qwen2.5-VL (whose generate continues from a given cache, M-RoPE offsets included; tested)
+    decoding with a dynamic cache. Otherwise the caller repeats the prompt rows itself."""
+    return cache == "dynamic" and config.model_type == "qwen2_5_vl"
+
+
+def distinct_prompts(rows, config, cache):
+    """The prompts of a generate() call's rows, each once, and its count of samples, where
+    prefill_once can share a prompt's prefill (shares_prefill); else every row and None.
+    A call's rows come prompt by prompt (in order, or sorted stably by prompt length).
+    Example: rows [4, 4, 4, 9, 9] -> ([4, 9], [3, 2])."""
+    if not shares_prefill(config, cache):
+        return rows, None
+    return torch.unique_consecutive(rows, return_counts=True)
+
+
+def prefill_once(model, batch, repeats):
+    """The KV cache of each prompt of `batch` but its last token, computed once and then
+    repeated `repeats` times row by row, and the prompt rows repeated to match.
+
+    The G samples of a group share their prompt, so its prefill (and its image's pass
+    through the vision tower) is the same G times over: one forward of the distinct prompts
+    gives it. generate() then feeds only the last prompt token and samples from there, as
+    it continues any given cache. Returns (repeated batch without pixels, cache)."""
+    from transformers import DynamicCache
+    head = {k: v[:, :-1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+            for k, v in batch.items()}
+    kv = DynamicCache(config=model.config)
+    model.model.rope_deltas = None                   # the forward computes the prompts' M-RoPE offsets
+    model(**head, past_key_values=kv, use_cache=True, logits_to_keep=1)
+    if model.model.rope_deltas is None:              # text-only prompts: plain positions
+        model.model.rope_deltas = torch.zeros(len(head["input_ids"]), 1, dtype=torch.long,
+                                              device=head["input_ids"].device)
+    kv.batch_repeat_interleave(repeats)
+    # each prompt's offset, once per row of the repeated batch, which generate's positions add
+    model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(repeats, dim=0)
+    rows = {k: batch[k].repeat_interleave(repeats, dim=0)
+            for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch}
+    return rows, kv
+
+
 def rope_index_once(model):
     """Make Qwen2(.5)-VL's get_rope_index (the M-RoPE positions of every prompt, a Python loop
     over rows in transformers) compute a row that repeats the row before it only once.
@@ -344,18 +388,28 @@ class GenerationBudget:
     generation (`room` bytes; None on a CPU, where only --gen_batch bounds a call).
 
     One row of a call costs its KV cache, (prompt + new tokens) x kv bytes a token, plus its
-    share of prefill's transient, prompt tokens x prefill bytes a token. Rows of a call are
-    padded to its longest prompt, so rows are packed shortest prompt first.
-    Example (Qwen2.5-VL-7B, paper7b on 8 x 80 GB): about 49 GiB of room, 56 KiB + 181 KiB a
-    prompt token and 56 KiB a new token: 143 rows a call at 1,024-token prompts, 47 at 4,096.
+    part of prefill's transient, prompt tokens x prefill bytes a token. When the `share`
+    samples of a prompt are prefilled once (prefill_once: a group's G), a row costs a
+    share-th of that transient, and a call holds one prompt's transient more (it may start
+    and end inside a group). Rows of a call are padded to its longest prompt, so rows are
+    packed shortest prompt first.
+    Example (Qwen2.5-VL-7B, paper7b on 8 x 80 GB): about 49 GiB of room, 56 KiB a token of
+    KV cache and 181 KiB a prompt token of transient: prefilled once per group of 8, 262 rows
+    a call at 1,024-token prompts, 115 at 4,096 (143 and 47 when every row is prefilled).
     """
 
-    def __init__(self, room, kv_per_token, prefill_per_token, cap, per_row=0):
+    def __init__(self, room, kv_per_token, prefill_per_token, cap, per_row=0, share=1):
         self.room, self.kv, self.prefill, self.cap = room, kv_per_token, prefill_per_token, cap
         self.per_row = per_row              # bytes a row costs whatever its length (scoring_bytes)
+        self.share = share                  # rows that share one prompt's prefill
 
     def row_bytes(self, prompt_len, new_tokens):
-        return self.kv * (prompt_len + new_tokens) + self.prefill * prompt_len + self.per_row
+        return self.kv * (prompt_len + new_tokens) + self.prefill * prompt_len / self.share + self.per_row
+
+    def prefill_bytes(self, rows, prompt_len):
+        """Prefill's transient in a call of `rows` rows: a share-th of a prompt's a row, plus
+        one prompt's more when shared (a call may start and end inside a group)."""
+        return self.prefill * prompt_len * (rows / self.share + (self.share > 1))
 
     def rows(self, prompt_len, new_tokens, cap=None):
         """Rows a call may hold when its longest prompt has prompt_len tokens (at most cap,
@@ -363,7 +417,8 @@ class GenerationBudget:
         cap = cap or self.cap
         if self.room is None:
             return cap
-        return max(0, min(cap, int(self.room // self.row_bytes(prompt_len, new_tokens))))
+        room = self.room - self.prefill_bytes(0, prompt_len)
+        return max(0, min(cap, int(room // self.row_bytes(prompt_len, new_tokens))))
 
     def calls(self, prompt_lens, new_tokens):
         """Rows (indices into prompt_lens) of each generate() call: in their own order when
@@ -457,14 +512,16 @@ def memory_plan(config, n_params, n_trainable, args, world, capacity=0):
     room = None
     if capacity:                    # what the device holds in every phase leaves this to generation
         room = 0.95 * capacity - sum(static.values()) - sum(rollout_phase.values())
-    budget = GenerationBudget(room, kv_per_token, prefill_per_token, args.gen_batch)
+    # a group's G samples share their prompt's prefill where generate can (prefill_once)
+    share = args.group_size if shares_prefill(config, args.decode_cache) else 1
+    budget = GenerationBudget(room, kv_per_token, prefill_per_token, args.gen_batch, share=share)
     # the worst call: the longest prompt with the longest response of sampling or validation
     new = max(args.max_new_tokens, args.val_max_new_tokens)
     rows = max(1, budget.rows(args.max_prompt_len, new)) if capacity else max(args.gen_batch, args.val_batch)
     rollout_phase.update({
         f"KV cache, {rows} x {args.max_prompt_len + new} tokens (the longest call)":
             rows * (args.max_prompt_len + new) * kv_per_token,
-        "prefill transient": rows * args.max_prompt_len * prefill_per_token,
+        "prefill transient": budget.prefill_bytes(rows, args.max_prompt_len),
     })
     update_phase = {
         "gradients, fp32": 4 * n_trainable / shards,
@@ -549,19 +606,22 @@ def check_memory_plan(path, args, ranks):
 
 # the update's micro-batches: memory only, the gradient does not depend on them (tested)
 def micro_batches(samples, rows, args):
-    """Split rows into micro-batches: --micro_batch rows each, or, with --micro_tokens,
-    as many rows as fit in that many padded tokens (prompt + response), in order.
+    """Split rows into micro-batches, longest rows first: --micro_batch rows each, or, with
+    --micro_tokens, as many rows as fit in that many padded tokens (prompt + response).
 
-    Example (micro_tokens 100): rows of 30, 30, 60 tokens -> [r0, r1] (2 x 30), [r2].
-    Memory follows the padded size of a micro-batch, so a token budget packs many short
-    responses together and keeps long ones alone. Gradients do not depend on the split.
+    Example (micro_tokens 100): rows of 30, 60, 30 tokens -> [r1], [r0, r2] (2 x 30).
+    A micro-batch is padded to its longest row, so rows of like length go together: the
+    update computes little padding, and the first micro-batch, the largest, shows at once
+    whether memory suffices. Gradients do not depend on the split or the order (tested).
     """
     if len(rows) == 0:
         return []
+    # each row's cost: its prompt plus its response, in tokens; a stable sort keeps ties in order
+    lengths = (samples.prompts["attention_mask"].sum(1) + samples.mask.sum(1))[rows]
+    order = lengths.argsort(descending=True, stable=True)
+    rows, lengths = rows[order], lengths[order].tolist()
     if not args.micro_tokens:
         return list(rows.split(args.micro_batch))
-    # each row's padded cost: its prompt plus its response, in tokens
-    lengths = (samples.prompts["attention_mask"].sum(1) + samples.mask.sum(1))[rows].tolist()
     out, current, longest = [], [], 0
     for r, n in zip(rows.tolist(), lengths):
         # a micro-batch costs its row count times its longest row (everything is padded to it)
@@ -571,3 +631,13 @@ def micro_batches(samples, rows, args):
         current.append(r)
         longest = max(longest, n)
     return out + ([torch.tensor(current)] if current else [])
+
+
+def padded_share(samples, micros):
+    """The share of the tokens a list of micro-batches computes that are padding: each is
+    padded to its longest prompt plus its longest response (Rollout.micro).
+    Example: one micro-batch of responses 10 and 40 after 20-token prompts -> 1 - 90 / 120."""
+    prompt, response = samples.prompts["attention_mask"].sum(1), samples.mask.sum(1)
+    valid = sum(int((prompt[m] + response[m]).sum()) for m in micros)
+    padded = sum(len(m) * (int(prompt[m].max()) + max(1, int(response[m].max()))) for m in micros)
+    return 1 - valid / padded

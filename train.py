@@ -87,22 +87,23 @@ def encode_examples(processor, examples, args):
 
 
 def sample(policy, processor, batch, images_per_row, rows, args, device, budget=None):
-    """Sample one response for each of `rows` (prompt indices, G per prompt) at the training
-    temperature, in generate() calls sized by the memory plan at the prompts' lengths (budget;
-    without one, --gen_batch rows a call). Returns responses (n, T), their masks (n, T), which
-    hit --max_new_tokens (n,), and the decode row-steps paid (rows x longest response)."""
+    """One response for each of `rows` (prompt indices, G per prompt) at the training temperature,
+    in generate() calls sized by the memory plan at the prompts' lengths (budget; else --gen_batch
+    rows a call). Returns responses, masks (n, T), truncated (n,) and the row-steps decoded."""
     responses, masks, truncs, row_steps = [], [], [], 0
     policy.eval()
     prompt_lens = batch["attention_mask"].sum(dim=1)[rows]                        # (n,)
     calls = budget.calls(prompt_lens, args.max_new_tokens) if budget else \
         list(torch.arange(len(rows)).split(args.gen_batch))
     for call in calls:
-        gen_batch, _ = rollout.take_rows(batch, images_per_row, rows[call])
+        # each distinct prompt once, with its count of samples (prefilled once), where it can
+        prompts, repeats = models.distinct_prompts(rows[call], policy.model.config, args.decode_cache)
+        gen_batch, _ = rollout.take_rows(batch, images_per_row, prompts)
         with rollout.autocast(device):
             # sampling settings are explicit, never the checkpoint's generation_config (rollout.py)
             r, m, t = policy.generate(processor, rollout.to_device(gen_batch, device),
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_p=args.top_p, cache=args.decode_cache)
+                                      top_p=args.top_p, cache=args.decode_cache, repeats=repeats)
         responses.append(r.cpu()), masks.append(m.cpu()), truncs.append(t.cpu())
         row_steps += len(call) * int(m.sum(dim=1).max())
     # calls end at different lengths: right-pad them to one width, then back in the order of rows
@@ -118,9 +119,8 @@ COUNTED = ("long_prompts", "sampled_groups", "zero_std_groups", "reward_sum", "l
 
 
 def sample_groups(policy, processor, data, indices, first_group, args, ranks, bad_rows, counts, budget):
-    """One round on this rank: G responses for each prompt of `indices` (stream positions
-    first_group, + world, + 2 world, ...), rewarded, and the informative groups kept, in
-    stream order. Adds this round's COUNTED to `counts`."""
+    """One round on this rank: G responses for each prompt of `indices` (stream positions first_group,
+    + world, ...), rewarded; the informative groups kept, in stream order; COUNTED added to `counts`."""
     # bad rows are skipped and counted (or stop the run) by the ledger (dataset.py)
     examples = dataset.fetch_examples(data, indices, bad_rows, first_group, need_image=args.fsdp,
                                       stride=ranks.world)
