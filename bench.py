@@ -65,6 +65,7 @@ import torch
 
 import checkpoints
 import dataset
+import decode
 import models
 import parallel
 import rollout
@@ -247,6 +248,41 @@ def child_shared_prefill(size, new_tokens):
     same = all(torch.equal(a, b) for a, b in zip(out["before"], out["after"]))
     return dict(before=out["before_s"], after=out["after_s"], same=same,
                 prompt_len=int(batch["attention_mask"].sum(1).max()))
+
+
+def child_segments(size, new_tokens, segment):
+    """Seconds and decode row-steps of one sampling call, 8 prompts x 8 samples, in one
+    segment (every row decoded until the longest ends) vs in segments of `segment` tokens
+    that drop the finished rows (decode.in_segments). The random model stops on 2 frequent
+    ids as well as its EOS, so that its responses end at many lengths, as a policy's do."""
+    import decode
+    import tiny
+    import train
+
+    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), f"vgpo-bench-{size}"), seed=0,
+                                 **MODELS[size])
+    model, processor, _ = models.load_model(path, train.parse_args([]), DEVICE)
+    model.generation_config.eos_token_id = [processor.tokenizer.eos_token_id, 42, 46]
+    batch, _ = rollout.encode_prompts(processor, [tiny.colour_example(2, i) for i in range(8)], "")
+    batch, repeats = rollout.to_device(batch, DEVICE), torch.full((8,), 8)
+    out = {}
+    for name, width in (("one", 0), ("segments", int(segment))):
+        times, steps, lengths = [], [], []
+        for seed in range(4):                        # the first is a warm-up
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            with rollout.autocast(DEVICE):
+                _, mask, _ = rollout.generate(model, processor, batch, max_new_tokens=int(new_tokens),
+                                              repeats=repeats, segment=width)
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            # what the call decoded: every row to the longest, or each to the end of its segment
+            steps.append(decode.row_steps(mask.sum(dim=1).cpu(), width))
+            lengths.append(float(mask.sum(dim=1).float().mean()))
+        out[name] = dict(time=statistics.median(times[1:]), row_steps=statistics.mean(steps[1:]),
+                         mean_len=statistics.mean(lengths[1:]), rows=64)
+    return out
 
 
 def child_fsdp_generate(size):
@@ -629,7 +665,8 @@ if args.child:
         sys.exit(0)
     result = (child_step(rest[0], rest[1] == "vgpo") if kind == "step" else
               child_fsdp_generate(rest[0]) if kind == "fsdpgen" else
-              child_shared_prefill(*rest) if kind == "prefill" else child_logp(int(rest[0])))
+              child_shared_prefill(*rest) if kind == "prefill" else
+              child_segments(*rest) if kind == "segments" else child_logp(int(rest[0])))
     print(json.dumps(result))
     sys.exit(0)
 
@@ -1169,13 +1206,13 @@ def padding_table(preset, budget, rng, samples=200):
     print(f"padding, one rank's {groups} groups x {preset.group_size} of a mini-batch on 8 ranks, "
           f"--micro_batch {preset.micro_batch}, prompts 500-1000 tokens (one length a group), {samples} "
           f"mini-batches; the response lengths are assumed, not measured:")
-    print("| response lengths | update padded, before: in order | after: longest first | "
-          "decode row-steps on finished rows (rows a call) |")
-    print("|---|---|---|---|")
+    print("| response lengths | update padded, before: in order | after: longest first | decode row-steps "
+          "on finished rows, before: one call | after: segments of 256 | rows a call |")
+    print("|---|---|---|---|---|---|")
     # the preset's micro-batching: --micro_batch rows each (no token budget)
     args = argparse.Namespace(micro_batch=preset.micro_batch, micro_tokens=0)
     for spread in ("uniform", "lognormal"):
-        before, after, idle = [], [], []
+        before, after, idle, idle_after = [], [], [], []
         for _ in range(samples):
             # a group's 8 rows share their prompt's length; each response has its own
             prompts = [p for p in (rng.randint(500, 1000) for _ in range(groups)) for _ in range(8)]
@@ -1192,10 +1229,24 @@ def padding_table(preset, budget, rng, samples=200):
             after.append(models.padded_share(roll, models.micro_batches(roll, rows, args)))
             # a generate() call runs until its longest row is done; the others ride along
             call = [assumed_lengths(rng, spread) for _ in range(budget.rows(1000, preset.max_new_tokens))]
-            idle.append(1 - sum(call) / (len(call) * max(call)))
+            idle.append(1 - sum(call) / decode.row_steps(call, 0))
+            # in segments (decode.in_segments), a row that ended leaves at the end of its segment
+            idle_after.append(1 - sum(call) / decode.row_steps(call, 256))
         rows_a_call = budget.rows(1000, preset.max_new_tokens)
         print(f"| {spread} | {statistics.mean(before):.1%} | {statistics.mean(after):.1%} | "
-              f"{statistics.mean(idle):.1%} ({rows_a_call}) |")
+              f"{statistics.mean(idle):.1%} | {statistics.mean(idle_after):.1%} | {rows_a_call} |")
+    # the same on a CPU, measured: one sampling call of 64 rows, in one segment and in segments
+    print()
+    print("one sampling call, 8 colour-task prompts x 8, sampled, stopping on 2 frequent ids too (CPU, "
+          "median of 3):")
+    print("| model | new tokens | segment | mean length | row-steps decoded | finished rows' share | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for size, new, segment in (("tiny", 256, 32), ("mid", 256, 32)):
+        r = run_child(f"segments:{size}:{new}:{segment}")
+        for name, width in (("one", "one call"), ("segments", segment)):
+            c = r[name]
+            print(f"| {size} | {new} | {width} | {c['mean_len']:.1f} | {c['row_steps']:,.0f} | "
+                  f"{1 - c['mean_len'] * c['rows'] / c['row_steps']:.1%} | {c['time']:.2f} |")
 
 
 def shared_prefill_table(preset, budget, n_params):

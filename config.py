@@ -198,6 +198,11 @@ def build_parser(description=""):
                    help="KV cache of sampling: static preallocates prompt + --max_new_tokens, so that "
                         "transformers compiles the decode step on a GPU (faster per token; compiles again "
                         "when the batch or prompt length changes); the same samples either way")
+    g.add_argument("--decode_segment", type=int, default=256,
+                   help="sampling decodes this many new tokens at a time, and drops the rows that ended "
+                        "from the batch and the KV cache between segments (a call no longer decodes "
+                        "finished rows until its longest is done); 0 = one generate() call. Qwen2.5-VL "
+                        "with --decode_cache dynamic (decode.py); other models make one call")
     g.add_argument("--max_tries", type=int, default=4,
                    help="DAPO dynamic sampling: rounds of sampling to fill the batch with informative groups")
     # tiny: 32 prompts x G = 8 = 256 sequences, a whole sampling round in one call on one rank
@@ -352,6 +357,8 @@ def parse_args(argv=None, description=""):
     for name in ("rollout_batch", "mini_batch", "micro_batch", "max_new_tokens", "max_tries", "gen_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    if args.decode_segment < 0:
+        parser.error(f"--decode_segment {args.decode_segment}: give the new tokens a segment decodes, or 0")
     if not args.dist_timeout > 0:
         parser.error(f"--dist_timeout {args.dist_timeout}: give the minutes a collective may wait, > 0")
     if not 0 <= args.copy_prior <= 1:

@@ -5,8 +5,7 @@ memory plan checked before loading. Skip it on a first read.
     ---- loading ----       load_model: hub id or local folder, float32 master weights,
                             flash-attn when present (else sdpa), the processor's pixel bounds
     ---- vision speed ----  speed_up_vision: the vision windows in one attention call, each
-                            distinct image encoded once; the same numbers, far fewer launches;
-                            prefill_once: a group's G samples prefilled once
+                            distinct image encoded once; the same numbers, far fewer launches
     ---- memory plan ----   bytes per rank by part, from the config alone (the meta device),
                             checked against the GPU before minutes are spent loading; and
                             micro_batches, the update's forwards cut to a token budget, longest
@@ -20,6 +19,8 @@ import os
 import sys
 
 import torch
+
+import decode
 
 # -----------------------------------------------------------------------------
 # ---- loading ----: a checkpoint's config, weights and processor
@@ -267,48 +268,6 @@ def encode_images_once(model):
     return True
 
 
-def shares_prefill(config, cache="dynamic"):
-    """Whether generate(repeats=...) can prefill each prompt once for all its samples: a
-    Qwen2.5-VL (whose generate continues from a given cache, M-RoPE offsets included; tested)
-    decoding with a dynamic cache. Otherwise the caller repeats the prompt rows itself."""
-    return cache == "dynamic" and config.model_type == "qwen2_5_vl"
-
-
-def distinct_prompts(rows, config, cache):
-    """The prompts of a generate() call's rows, each once, and its count of samples, where
-    prefill_once can share a prompt's prefill (shares_prefill); else every row and None.
-    A call's rows come prompt by prompt (in order, or sorted stably by prompt length).
-    Example: rows [4, 4, 4, 9, 9] -> ([4, 9], [3, 2])."""
-    if not shares_prefill(config, cache):
-        return rows, None
-    return torch.unique_consecutive(rows, return_counts=True)
-
-
-def prefill_once(model, batch, repeats):
-    """The KV cache of each prompt of `batch` but its last token, computed once and then
-    repeated `repeats` times row by row, and the prompt rows repeated to match.
-
-    The G samples of a group share their prompt, so its prefill (and its image's pass
-    through the vision tower) is the same G times over: one forward of the distinct prompts
-    gives it. generate() then feeds only the last prompt token and samples from there, as
-    it continues any given cache. Returns (repeated batch without pixels, cache)."""
-    from transformers import DynamicCache
-    head = {k: v[:, :-1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
-            for k, v in batch.items()}
-    kv = DynamicCache(config=model.config)
-    model.model.rope_deltas = None                   # the forward computes the prompts' M-RoPE offsets
-    model(**head, past_key_values=kv, use_cache=True, logits_to_keep=1)
-    if model.model.rope_deltas is None:              # text-only prompts: plain positions
-        model.model.rope_deltas = torch.zeros(len(head["input_ids"]), 1, dtype=torch.long,
-                                              device=head["input_ids"].device)
-    kv.batch_repeat_interleave(repeats)
-    # each prompt's offset, once per row of the repeated batch, which generate's positions add
-    model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(repeats, dim=0)
-    rows = {k: batch[k].repeat_interleave(repeats, dim=0)
-            for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch}
-    return rows, kv
-
-
 def rope_index_once(model):
     """Make Qwen2(.5)-VL's get_rope_index (the M-RoPE positions of every prompt, a Python loop
     over rows in transformers) compute a row that repeats the row before it only once.
@@ -389,7 +348,7 @@ class GenerationBudget:
 
     One row of a call costs its KV cache, (prompt + new tokens) x kv bytes a token, plus its
     part of prefill's transient, prompt tokens x prefill bytes a token. When the `share`
-    samples of a prompt are prefilled once (prefill_once: a group's G), a row costs a
+    samples of a prompt are prefilled once (decode.prefill_once: a group's G), a row costs a
     share-th of that transient, and a call holds one prompt's transient more (it may start
     and end inside a group). Rows of a call are padded to its longest prompt, so rows are
     packed shortest prompt first.
@@ -512,8 +471,8 @@ def memory_plan(config, n_params, n_trainable, args, world, capacity=0):
     room = None
     if capacity:                    # what the device holds in every phase leaves this to generation
         room = 0.95 * capacity - sum(static.values()) - sum(rollout_phase.values())
-    # a group's G samples share their prompt's prefill where generate can (prefill_once)
-    share = args.group_size if shares_prefill(config, args.decode_cache) else 1
+    # a group's G samples share their prompt's prefill where generate can (decode.prefill_once)
+    share = args.group_size if decode.shares_prefill(config, args.decode_cache) else 1
     budget = GenerationBudget(room, kv_per_token, prefill_per_token, args.gen_batch, share=share)
     # the worst call: the longest prompt with the longest response of sampling or validation
     new = max(args.max_new_tokens, args.val_max_new_tokens)

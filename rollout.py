@@ -6,8 +6,8 @@ Read after train.py and vgpo.py, top to bottom (reading and checking the data is
 dataset.py; train.py receives examples {"problem", "answer", "images"}):
   ---- prompts ----    chat template + instruction, processor, left padding; take_rows
                        selects/repeats rows keeping pixel_values in the rows' order
-  ---- sampling ----   HF generate with vision/chat-control ids suppressed, each prompt
-                       prefilled once for its G samples; response mask up to the first EOS
+  ---- sampling ----   HF generate with vision/chat-control ids suppressed (a group's
+                       prompt prefilled once, decode.py); response mask up to the first EOS
   ---- rewards ----    the last \\boxed{} graded by mathruler / math-verify
   ---- scoring ----    one forward -> log-probs at response positions + focus scores
   ---- the policy ---- policy.generate(...) and policy.score(...): the two calls train.py
@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 from dataclasses import dataclass
 from PIL import Image
 
-import models
+import decode
 import vgpo
 
 # The instruction appended to every problem, in training and evaluation: PAPO's sentence,
@@ -289,26 +289,20 @@ def describe_sampling(temperature, top_p):
 
 @torch.no_grad()
 def generate(model, processor, batch, *, max_new_tokens, temperature=1.0, top_p=1.0, cache="dynamic",
-             repeats=None):
+             repeats=None, segment=decode.SEGMENT):
     """Sample one response per row of `batch`, or repeats[i] of row i (a group's G samples,
-    prefilled once: models.prefill_once). temperature 0 means greedy. cache "static"
-    preallocates the KV cache for prompt + max_new_tokens, which lets transformers compile the
-    decode step on a GPU (the same samples; see --decode_cache). Returns (responses (B, T)
-    token ids, response_mask (B, T) bool, truncated (B,) bool), B the rows after repeating."""
+    prefilled once). temperature 0 means greedy. Where it can (decode.shares_prefill), decoding
+    goes `segment` new tokens at a time, and rows that finished are dropped between segments.
+    cache "static" preallocates the KV cache for prompt + max_new_tokens, which lets
+    transformers compile the decode step on a GPU (see --decode_cache). Returns (responses
+    (B, T) token ids, response_mask (B, T) bool, truncated (B,) bool), B rows after repeating."""
     eos = eos_ids(model, processor)
-    given = {}
-    if repeats is not None:
-        repeats = torch.as_tensor(repeats).to(batch["input_ids"].device)
-        batch, given["past_key_values"] = models.prefill_once(model, batch, repeats)
     # synced_gpus=False: transformers would keep FSDP ranks generating in lock-step (one
     # all-reduce per token); train.py gathers the full weights first, so each rank stops
     # on its own, as it does without FSDP
-    out = model.generate(**batch, **given, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                         pad_token_id=processor.tokenizer.pad_token_id, synced_gpus=False,
-                         suppress_tokens=suppressed_ids(model, processor),
-                         **({"cache_implementation": "static"} if cache == "static" else {}),
-                         **sampling_settings(temperature, top_p))
-    responses = out[:, batch["input_ids"].shape[1]:]
+    settings = dict(eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id, synced_gpus=False,
+                    suppress_tokens=suppressed_ids(model, processor), **sampling_settings(temperature, top_p))
+    responses = decode.generate(model, batch, max_new_tokens, settings, cache, repeats, segment)
     mask, truncated = response_mask_from_eos(responses, eos)
     return responses, mask, truncated
 

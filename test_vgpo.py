@@ -442,6 +442,7 @@ import types
 
 import checkpoints
 import dataset
+import decode
 import models
 import parallel
 import rollout
@@ -2964,7 +2965,7 @@ def test_a_groups_samples_share_one_prefill_and_equal_sampling_the_repeated_rows
     prefill_rows = []
     model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: prefill_rows.append(kwargs["inputs_embeds"].shape), with_kwargs=True)
-    assert models.shares_prefill(model.config) and not models.shares_prefill(model.config, "static")
+    assert decode.shares_prefill(model.config) and not decode.shares_prefill(model.config, "static")
     lengths = []
     for temperature in (1.0, 0.0):
         torch.manual_seed(0)
@@ -2989,6 +2990,48 @@ def test_a_groups_samples_share_one_prefill_and_equal_sampling_the_repeated_rows
     torch.manual_seed(1)
     got = rollout.generate(model, processor, text, max_new_tokens=12, repeats=torch.tensor([2, 1]))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_decoding_in_segments_drops_finished_rows_and_gives_one_calls_tokens(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    batch, _ = rollout.encode_prompts(processor, [tiny.counting_example(4, k) for k in range(8)], "")
+    # greedy with a repetition penalty, stopping on 2 frequent ids as well: the random model's
+    # rows then end at many different lengths, one never (measured: 2 to 16, and 30)
+    stops = [processor.tokenizer.eos_token_id, 42, 46]
+    settings = dict(eos_token_id=stops, pad_token_id=processor.tokenizer.pad_token_id, do_sample=False,
+                    repetition_penalty=3.0)
+    plain = model.generate(**batch, max_new_tokens=30, **settings)[:, batch["input_ids"].shape[1]:]
+    rows = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True)
+    for segment in (3, 7, 30):
+        rows.clear()
+        got = decode.in_segments(model, batch, None, 30, segment, settings)
+        assert torch.equal(got, plain), segment
+        lengths, _ = rollout.response_mask_from_eos(got, stops)
+        lengths = lengths.sum(dim=1)
+        # each forward writes one token a row: the rows it ran are what row_steps counts
+        assert sum(rows) == decode.row_steps(lengths, segment)
+    assert lengths.unique().numel() >= 4 and lengths.max() == 30
+    assert decode.row_steps(lengths, 3) < len(lengths) * 30, "finished rows were dropped"
+    assert decode.row_steps([5, 300, 2048], 256) == 2816 and decode.row_steps([5, 300, 2048], 0) == 6144
+    # sampling through rollout.generate: in one segment, one plain call's draws; in
+    # segments, each row ends at its first stop id and is padded after it
+    model.generation_config.eos_token_id = stops
+    eos = rollout.eos_ids(model, processor)
+    torch.manual_seed(0)
+    want = model.generate(**batch, max_new_tokens=30, eos_token_id=eos, pad_token_id=settings["pad_token_id"],
+                          suppress_tokens=rollout.suppressed_ids(model, processor),
+                          **rollout.sampling_settings(1.0, 1.0))[:, batch["input_ids"].shape[1]:]
+    torch.manual_seed(0)
+    got, _, _ = rollout.generate(model, processor, batch, max_new_tokens=30, temperature=1.0, segment=30)
+    assert torch.equal(got, want)
+    got, mask, truncated = rollout.generate(model, processor, batch, max_new_tokens=30, temperature=1.0,
+                                            segment=4)
+    assert ((torch.isin(got, torch.tensor(eos)) & mask).sum(dim=1) == (~truncated).long()).all()
+    assert (got[~mask] == settings["pad_token_id"]).all() and mask.sum(dim=1).unique().numel() > 2
 
 
 def test_distinct_images_finds_copies_by_exact_comparison():

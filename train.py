@@ -53,6 +53,7 @@ import torch
 import checkpoints
 import config
 import dataset
+import decode
 import models
 import parallel
 import rollout
@@ -74,9 +75,8 @@ def rewards(texts, golds, args):
 
 
 def encode_examples(processor, examples, args):
-    """Process prompts once, then drop over-long ones (never cut them: a cut prompt can
-    lose its question or an image). Returns the batch, its images per row (B,), the
-    examples kept and how many were too long."""
+    """Process prompts once, then drop over-long ones (never cut them: a cut prompt can lose its
+    question or an image). Returns the batch, its images per row (B,), the examples kept, n too long."""
     # pixel_values holds every image's patches, in row order; images_per_row says whose
     batch, images_per_row = rollout.encode_prompts(processor, examples, args.instruction)
     fits = batch["attention_mask"].sum(dim=1) <= args.max_prompt_len              # (B,)
@@ -95,17 +95,18 @@ def sample(policy, processor, batch, images_per_row, rows, args, device, budget=
     prompt_lens = batch["attention_mask"].sum(dim=1)[rows]                        # (n,)
     calls = budget.calls(prompt_lens, args.max_new_tokens) if budget else \
         list(torch.arange(len(rows)).split(args.gen_batch))
+    # where decoding continues from a cache (decode.py), a prompt is prefilled once for its samples
+    shared = decode.shares_prefill(policy.model.config, args.decode_cache)
     for call in calls:
-        # each distinct prompt once, with its count of samples (prefilled once), where it can
-        prompts, repeats = models.distinct_prompts(rows[call], policy.model.config, args.decode_cache)
+        prompts, repeats = decode.distinct_prompts(rows[call], shared)
         gen_batch, _ = rollout.take_rows(batch, images_per_row, prompts)
         with rollout.autocast(device):
             # sampling settings are explicit, never the checkpoint's generation_config (rollout.py)
-            r, m, t = policy.generate(processor, rollout.to_device(gen_batch, device),
+            r, m, t = policy.generate(processor, rollout.to_device(gen_batch, device), repeats=repeats,
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_p=args.top_p, cache=args.decode_cache, repeats=repeats)
+                                      top_p=args.top_p, cache=args.decode_cache, segment=args.decode_segment)
         responses.append(r.cpu()), masks.append(m.cpu()), truncs.append(t.cpu())
-        row_steps += len(call) * int(m.sum(dim=1).max())
+        row_steps += decode.row_steps(m.sum(dim=1), args.decode_segment if shared else 0)
     # calls end at different lengths: right-pad them to one width, then back in the order of rows
     back = torch.cat(calls).argsort()
     pad_id = processor.tokenizer.pad_token_id
@@ -314,9 +315,8 @@ def update_policy(policy, optimizer, params, samples, args, ranks, probe=None):
     mini-batch's loss is the token mean over ALL its valid tokens on every rank (the
     count is all-reduced first), its gradient is summed over micro-batches and ranks,
     clipped, and applied unless it is not finite. probe: FSDP's one-row rollout
-    (parallel.as_many_passes_as_the_busiest_rank), None without FSDP.
-    Returns {name: sum over the optimizer steps} for the LOGGED metrics, plus "updates"
-    (optimizer steps) and "skipped" (of those, skipped for a non-finite gradient).
+    (parallel.as_many_passes_as_the_busiest_rank), None without FSDP. Returns {name: sum over
+    optimizer steps} of LOGGED, "updates" (optimizer steps) and "skipped" (non-finite gradients).
     """
     parallel.entering("update")
     policy.train()
