@@ -44,7 +44,9 @@ Sections 3-5 (each case in a fresh child process, so its peak memory is its own)
    one load per job: sampling rounds per step and prompts drawn per kept group (the
    sampling rule simulated at a keep rate of 0.5 on 2, 4 and 8 ranks), rows per generate()
    call (the memory plan of the 7B shape on 80 GB), FSDP hook calls per decoded token, and
-   peak CPU memory per rank while loading a mid-size model under --fsdp on 2 CPU ranks.
+   peak CPU memory per rank while loading a mid-size model under --fsdp on 2 CPU ranks; and
+   the prefill shared by a group, decoding in segments, the update's padding and whether
+   --decode_cache static compiles once per shape, before and after.
 Peak memory is the process's peak resident set (CPU) or peak allocated memory (GPU).
 Record the figures in BENCHMARKS.md with the machine and the command.
 """
@@ -265,6 +267,7 @@ def child_segments(size, new_tokens, segment):
     model.generation_config.eos_token_id = [processor.tokenizer.eos_token_id, 42, 46]
     batch, _ = rollout.encode_prompts(processor, [tiny.colour_example(2, i) for i in range(8)], "")
     batch, repeats = rollout.to_device(batch, DEVICE), torch.full((8,), 8)
+    # width 0: one segment of every new token, what a plain generate() call decodes
     out = {}
     for name, width in (("one", 0), ("segments", int(segment))):
         times, steps, lengths = [], [], []
@@ -283,6 +286,51 @@ def child_segments(size, new_tokens, segment):
         out[name] = dict(time=statistics.median(times[1:]), row_steps=statistics.mean(steps[1:]),
                          mean_len=statistics.mean(lengths[1:]), rows=64)
     return out
+
+
+def child_compile(which, port):
+    """--decode_cache static with transformers' compiled decode step (on a CPU too, by its
+    test switch), through the FSDP units (`fsdp`) or the hook-free twin (`twin`): the graphs
+    and graph breaks dynamo makes on each call, 3 calls of one shape, then one of another."""
+    import torch._dynamo.utils as dynamo_utils
+    import torch.distributed as dist
+    from transformers import CompileConfig
+
+    import tiny
+    import train
+
+    # a one-rank process group, as in child_fsdp_generate
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
+    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), "vgpo-bench-tiny"), seed=0,
+                                 **MODELS["tiny"])
+    targs = train.parse_args(["--fsdp", "--decode_cache", "static"])
+    model, processor, _ = models.load_model(path, targs, DEVICE, move=False, fast_vision=targs.fast_vision)
+    # transformers compiles generate's decode step with a static cache on a GPU; its test
+    # switch does it on a CPU too ("default" mode: CUDA graphs need a GPU)
+    compile_config = CompileConfig(mode="default")
+    compile_config._compile_all_devices = True
+    model.generation_config.compile_config = compile_config
+    # the sharded policy, and the twin that decodes from its gathered weights without hooks
+    policy = rollout.Policy(model)
+    parallel.shard(policy, DEVICE)
+    twin = parallel.sampling_copy(policy, targs)
+    calls = []
+    for prompts, seed in ((4, 0), (4, 1), (4, 2), (6, 3)):        # the last: another batch shape
+        examples = [tiny.colour_example(seed, i) for i in range(prompts)]
+        batch, _ = rollout.encode_prompts(processor, examples, "")
+        # dynamo's counters of this call alone: graphs it compiled, and where it broke off
+        dynamo_utils.counters.clear()
+        t0 = time.perf_counter()
+        with parallel.full_weights(policy):
+            sampler = parallel.sampling_weights(twin, policy) if which == "twin" else policy
+            sampler.generate(processor, rollout.to_device(batch, DEVICE), max_new_tokens=16, cache="static")
+        # a graph break splits the compiled step (FSDP's hooks are marked not to be traced)
+        calls.append(dict(rows=prompts, seconds=time.perf_counter() - t0,
+                          graphs=dynamo_utils.counters["stats"].get("unique_graphs", 0),
+                          breaks=sum(dynamo_utils.counters["graph_break"].values())))
+    dist.destroy_process_group()
+    return calls
 
 
 def child_fsdp_generate(size):
@@ -666,7 +714,8 @@ if args.child:
     result = (child_step(rest[0], rest[1] == "vgpo") if kind == "step" else
               child_fsdp_generate(rest[0]) if kind == "fsdpgen" else
               child_shared_prefill(*rest) if kind == "prefill" else
-              child_segments(*rest) if kind == "segments" else child_logp(int(rest[0])))
+              child_segments(*rest) if kind == "segments" else
+              child_compile(*rest) if kind == "compile" else child_logp(int(rest[0])))
     print(json.dumps(result))
     sys.exit(0)
 
@@ -1239,10 +1288,12 @@ def padding_table(preset, budget, rng, samples=200):
     print()
     print("one sampling call, 8 colour-task prompts x 8, sampled, stopping on 2 frequent ids too (CPU, "
           "median of 3):")
-    print("| model | new tokens | segment | mean length | row-steps decoded | finished rows' share | seconds |")
+    print("| model | new tokens | segment | mean length | row-steps decoded | finished rows' share "
+          "| seconds |")
     print("|---|---|---|---|---|---|---|")
     for size, new, segment in (("tiny", 256, 32), ("mid", 256, 32)):
         r = run_child(f"segments:{size}:{new}:{segment}")
+        # the two rows of a case: one call, then segments (their draws differ, their lengths alike)
         for name, width in (("one", "one call"), ("segments", segment)):
             c = r[name]
             print(f"| {size} | {new} | {width} | {c['mean_len']:.1f} | {c['row_steps']:,.0f} | "
@@ -1335,6 +1386,19 @@ def recipe_table(steps=2000, rate=0.5):
           f"1 rank: before {r['hooks_fsdp']:.1f}, after {r['hooks_twin']:.1f}; tokens/s plain "
           f"{r['plain']:,.0f}, FSDP units {r['fsdp']:,.0f}, twin {r['twin']:,.0f}; "
           + ("the same samples" if r["same"] else "samples differ"))
+
+    # --decode_cache static compiled: the graphs and breaks of each call, FSDP units vs twin
+    print()
+    # once per shape means: graphs on the first call of a shape, none on the next calls
+    print("--decode_cache static, decode step compiled (CPU, tiny model, 1 rank): new graphs and graph "
+          "breaks of each generate() call, 3 calls of 4 rows, then one of 6")
+    print("| sampling through | call 1 | call 2 | call 3 | 6 rows |")
+    print("|---|---|---|---|---|")
+    for which, port in (("fsdp", "29585"), ("twin", "29586")):
+        calls = run_child(f"compile:{which}:{port}")
+        label = "before: the FSDP units" if which == "fsdp" else "after: the hook-free twin"
+        print(f"| {label} | " + " | ".join(f"{c['graphs']} graphs, {c['breaks']} breaks, {c['seconds']:.1f} s"
+                                          for c in calls) + " |")
 
     # peak CPU memory per rank while loading under --fsdp, 2 CPU ranks
     path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), "vgpo-bench-load"), seed=0,
