@@ -199,10 +199,11 @@ def build_parser(description=""):
                         "transformers compiles the decode step on a GPU (faster per token; compiles again "
                         "when the batch or prompt length changes); the same samples either way")
     g.add_argument("--decode_segment", type=int, default=256,
-                   help="sampling decodes this many new tokens at a time, and drops the rows that ended "
-                        "from the batch and the KV cache between segments (a call no longer decodes "
+                   help="rollout sampling decodes this many new tokens at a time, and drops the rows that "
+                        "ended from the batch and the KV cache between segments (a call no longer decodes "
                         "finished rows until its longest is done); 0 = one generate() call. Qwen2.5-VL "
-                        "with --decode_cache dynamic (decode.py); other models make one call")
+                        "with --decode_cache dynamic (decode.py); other models make one call. Greedy "
+                        "validation and eval.py decode in segments of 256, the same tokens as one call")
     g.add_argument("--max_tries", type=int, default=4,
                    help="DAPO dynamic sampling: rounds of sampling to fill the batch with informative groups")
     # tiny: 32 prompts x G = 8 = 256 sequences, a whole sampling round in one call on one rank

@@ -3017,6 +3017,9 @@ def test_decoding_in_segments_drops_finished_rows_and_gives_one_calls_tokens(tin
     assert lengths.unique().numel() >= 4 and lengths.max() == 30
     assert decode.row_steps(lengths, 3) < len(lengths) * 30, "finished rows were dropped"
     assert decode.row_steps([5, 300, 2048], 256) == 2816 and decode.row_steps([5, 300, 2048], 0) == 6144
+    assert train.parse_args([]).decode_segment == decode.SEGMENT == 256
+    with pytest.raises(SystemExit):
+        train.parse_args(["--decode_segment", "-1"])
     # sampling through rollout.generate: in one segment, one plain call's draws; in
     # segments, each row ends at its first stop id and is padded after it
     model.generation_config.eos_token_id = stops
