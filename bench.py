@@ -1302,7 +1302,7 @@ def padding_table(preset, budget, rng, samples=200):
 
 def shared_prefill_table(preset, budget, n_params):
     """Rows per generate() call of the 7B plan, and one CPU rollout round's time, before and
-    after each prompt is prefilled once for its G samples (models.prefill_once)."""
+    after each prompt is prefilled once for its G samples (decode.prefill_once)."""
     import train
     from test_vgpo import qwen25_vl_7b_config
 

@@ -320,8 +320,8 @@ def log_row(step, stream, n_rows, counts, tries, bad_rows, update, skipped, lr):
                kept_groups=int(counts["kept_groups"]), zero_std_groups=int(counts["zero_std_groups"]),
                tries=tries, bad_rows=bad_rows, long_prompts=int(counts["long_prompts"]),
                updates=update["updates"], skipped_updates=skipped, lr=lr,
-               # the share of decode row-steps paid for rows that had already finished: a
-               # generate() call runs until its longest response is done
+               # the share of decode row-steps paid for rows that had already finished: a row
+               # stays in its generate() call until its --decode_segment ends (decode.row_steps)
                decode_idle=1 - counts["len_sum"] / counts["row_steps"] if counts["row_steps"] else 0.0)
     if update["updates"]:                            # means over the step's optimizer steps
         row.update({k: v / update["updates"] for k, v in update.items() if k != "updates"})

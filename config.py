@@ -197,7 +197,8 @@ def build_parser(description=""):
     g.add_argument("--decode_cache", default="dynamic", choices=["dynamic", "static"],
                    help="KV cache of sampling: static preallocates prompt + --max_new_tokens, so that "
                         "transformers compiles the decode step on a GPU (faster per token; compiles again "
-                        "when the batch or prompt length changes); the same samples either way")
+                        "when the batch or prompt length changes). Static makes one plain generate() call: "
+                        "no shared prefill, no --decode_segment (decode.py)")
     g.add_argument("--decode_segment", type=int, default=256,
                    help="rollout sampling decodes this many new tokens at a time, and drops the rows that "
                         "ended from the batch and the KV cache between segments (a call no longer decodes "

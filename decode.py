@@ -71,10 +71,13 @@ def prefill_once(model, batch, repeats):
     head = {k: v[:, :-1] if k in PER_TOKEN else v for k, v in batch.items()}
     kv = DynamicCache(config=model.config)
     model.model.rope_deltas = None                   # the forward computes the prompts' M-RoPE offsets
+    if "image_grid_thw" not in batch:
+        # text-only prompts: without images the forward would number the left padding too;
+        # generate numbers the attended tokens only, from 0, and so must the prefill
+        mask = head["attention_mask"]
+        head["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        model.model.rope_deltas = torch.zeros(len(mask), 1, dtype=torch.long, device=mask.device)
     model(**head, past_key_values=kv, use_cache=True, logits_to_keep=1)
-    if model.model.rope_deltas is None:              # text-only prompts: plain positions
-        model.model.rope_deltas = torch.zeros(len(head["input_ids"]), 1, dtype=torch.long,
-                                              device=head["input_ids"].device)
     kv.batch_repeat_interleave(repeats)
     # each prompt's offset, once per row of the repeated batch, which generate's positions add
     model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(repeats, dim=0)
