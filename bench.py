@@ -1255,8 +1255,8 @@ def padding_table(preset, budget, rng, samples=200):
     print(f"padding, one rank's {groups} groups x {preset.group_size} of a mini-batch on 8 ranks, "
           f"--micro_batch {preset.micro_batch}, prompts 500-1000 tokens (one length a group), {samples} "
           f"mini-batches; the response lengths are assumed, not measured:")
-    print("| response lengths | update padded, before: in order | after: longest first | decode row-steps "
-          "on finished rows, before: one call | after: segments of 256 | rows a call |")
+    print("| response lengths | update padded, before: in order | after: by prompt, then response | "
+          "decode row-steps on finished rows, before: one call | after: segments of 256 | rows a call |")
     print("|---|---|---|---|---|---|")
     # the preset's micro-batching: --micro_batch rows each (no token budget)
     args = argparse.Namespace(micro_batch=preset.micro_batch, micro_tokens=0)
