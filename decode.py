@@ -1,6 +1,7 @@
 """
 Decoding: HF generate, made to pay less for what a rollout repeats. Skip it on a first
-read: rollout.generate calls it, and the samples are what one plain generate() call draws.
+read: rollout.generate calls it. Greedy tokens are one plain generate() call's; sampled ones
+come from the same distribution (in one segment, from the same random draws).
 
     ---- one prefill a group ----   the G samples of a group share their prompt, so its
                                     prefill (and its images' pass through the vision tower)

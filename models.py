@@ -8,8 +8,8 @@ memory plan checked before loading. Skip it on a first read.
                             distinct image encoded once; the same numbers, far fewer launches
     ---- memory plan ----   bytes per rank by part, from the config alone (the meta device),
                             checked against the GPU before minutes are spent loading; and
-                            micro_batches, the update's forwards cut to a token budget, longest
-                            rows first
+                            micro_batches, the update's forwards cut to a token budget, by
+                            prompt length, then response length
 """
 
 import functools
@@ -349,7 +349,7 @@ class GenerationBudget:
     One row of a call costs its KV cache, (prompt + new tokens) x kv bytes a token, plus its
     part of prefill's transient, prompt tokens x prefill bytes a token. When the `share`
     samples of a prompt are prefilled once (decode.prefill_once: a group's G), a row costs a
-    share-th of that transient, and a call holds one prompt's transient more (it may start
+    share-th of that transient, and a call holds two prompts' transient more (it may start
     and end inside a group). Rows of a call are padded to its longest prompt, so rows are
     packed shortest prompt first.
     Example (Qwen2.5-VL-7B, paper7b on 8 x 80 GB): about 49 GiB of room, 56 KiB a token of
@@ -580,10 +580,10 @@ def micro_batches(samples, rows, args):
     prompt, response = samples.prompts["attention_mask"].sum(1)[rows], samples.mask.sum(1)[rows]
     # by prompt, then response, longest first; a stable sort keeps ties in their order
     order = (prompt * (int(response.max()) + 1) + response).argsort(descending=True, stable=True)
-    # each row's cost: its prompt plus its response, in tokens
-    rows, lengths = rows[order], (prompt + response)[order].tolist()
+    rows = rows[order]
     if not args.micro_tokens:
         return list(rows.split(args.micro_batch))
+    lengths = (prompt + response)[order].tolist()       # each row's cost: prompt plus response, in tokens
     out, current, longest = [], [], 0
     for r, n in zip(rows.tolist(), lengths):
         # a micro-batch costs its row count times its longest row (everything is padded to it)
