@@ -114,11 +114,12 @@ parser.add_argument("--shape", choices=["small", "7b"], default=None,
                          "GPU; small: for a CPU), before and after the vision rewiring and bf16 sampling: "
                          "decode, update step, vision patches encoded, attention calls and kernel launches, "
                          "VGPO/GRPO ratios")
-parser.add_argument("--recipe", choices=["paper7b"], default=None,
+parser.add_argument("--recipe", choices=["paper7b", "projection"], default=None,
                     help="only section 11: the counts that set the paper recipe's GPU time, before and after "
                          "(sampling rounds, prompts drawn per kept group, rows per generate() call, FSDP "
-                         "hook "
-                         "calls per decoded token, peak CPU memory at load)")
+                         "hook calls per decoded token, peak CPU memory at load), and the step they project "
+                         "from decode and update measured here; projection: only what the projection uses "
+                         "(on a GPU, a few minutes)")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)   # internal: run one case
 args = parser.parse_args()
 # the same random inputs on every run: figures from two machines compare like with like
@@ -443,11 +444,22 @@ PROMPTS, G = 8, 8                                   # 8 prompts x G = 8: 64 sequ
 GPUS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 
 
-def shape_model(shape, layers):
+def shape_processor(side):
+    """A processor that keeps every image `side` pixels square (tiny.py's tokenizer)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    import tiny
+    # min and max pixels both side²: every image stays side x side, so the patch count is fixed
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size={"shortest_edge": side * side,
+                                                                           "longest_edge": side * side}),
+                               video_processor=Qwen2VLVideoProcessor(), tokenizer=tiny.build_tokenizer(),
+                               chat_template=tiny.CHAT_TEMPLATE)
+
+
+def shape_model(shape, layers, dtype=torch.float32):
     """A randomly initialised Qwen2.5-VL of SHAPES[shape] with `layers` decoder layers, on
-    DEVICE in fp32, and a processor for its images (tiny.py's tokenizer)."""
-    from transformers import (AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    DEVICE in `dtype`, and a processor for its images (tiny.py's tokenizer)."""
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
 
     import tiny
     spec = SHAPES[shape]
@@ -467,15 +479,8 @@ def shape_model(shape, layers):
         tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa",
-                                                        dtype=torch.float32)
-    side = spec["image"]
-    # min and max pixels both side²: every image stays side x side, so the patch count is fixed
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size={"shortest_edge": side * side,
-                                                                                "longest_edge": side * side}),
-                                    video_processor=Qwen2VLVideoProcessor(), tokenizer=tokenizer,
-                                    chat_template=tiny.CHAT_TEMPLATE)
-    return model, processor
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model, shape_processor(spec["image"])
 
 
 def shape_batch(processor, shape):
@@ -635,6 +640,21 @@ def child_shape(shape, variant, method):
     return out
 
 
+def known_gpu():
+    """(FLOP/s, bytes/s) of this GPU from GPUS, or None (a CPU, or a GPU not listed)."""
+    return next((v for k, v in GPUS.items() if DEVICE.type == "cuda" and k in torch.cuda.get_device_name()),
+                None)
+
+
+def update_flops(x):
+    """Model FLOPs of an update step (child_shape's `x`): the work that must be done, each
+    distinct image once. 8 per parameter and token: 2 for the no-grad scoring forward, 6 for
+    the update's forward and backward; checkpointing's recompute is not counted (MFU counts
+    the model's FLOPs, not the hardware's)."""
+    return 8 * (x["update_text_params"] * x["update_tokens"] + x["lm_head"] * x["response_tokens"]
+                + x["vision_params"] * x["distinct_patches"])
+
+
 def shape_table(shape):
     """Section 9's table: before / after side by side, and the bounds on a known GPU."""
     if shape == "7b" and DEVICE.type != "cuda":
@@ -642,8 +662,7 @@ def shape_table(shape):
                          "on a CPU, --shape small prints the same table at a CPU's size")
     r = {(v, m): run_child(f"shape:{shape}:{v}:{m}")
          for v in ("before", "after") for m in ("decode", "vgpo", "grpo")}
-    gpu = next((v for k, v in GPUS.items() if DEVICE.type == "cuda" and k in torch.cuda.get_device_name()),
-               None)
+    gpu = known_gpu()
     spec = SHAPES[shape]
     print(f"shape {shape}: {PROMPTS} prompts x G={G}, {spec['image']}x{spec['image']} images, "
           f"{spec['text']['num_hidden_layers']} decoder layers for decode and {spec['update_layers']} "
@@ -674,15 +693,9 @@ def shape_table(shape):
     add("rollout: kernel launches" if gpu or DEVICE.type == "cuda" else "rollout: ATen op calls",
         b["rollout_launches"], a["rollout_launches"], "{:,}")
     b, a = r["before", "vgpo"], r["after", "vgpo"]
-    # update: model FLOPs of the work that must be done (each distinct image once)
-    # 8 per parameter and token: 2 for step()'s no-grad scoring forward, 6 for the update's
-    # forward and backward; checkpointing's recompute is not counted (MFU counts the model's
-    # FLOPs, not the hardware's)
-    flops = lambda x: 8 * (x["update_text_params"] * x["update_tokens"] + x["lm_head"] * x["response_tokens"]
-                           + x["vision_params"] * x["distinct_patches"])
     add("update step, s (VGPO)", b["update_s"], a["update_s"], "{:.2f}",
-        gpu and f"MFU {100 * flops(b) / b['update_s'] / gpu[0]:.1f}% -> "
-                f"{100 * flops(a) / a['update_s'] / gpu[0]:.1f}%")
+        gpu and f"MFU {100 * update_flops(b) / b['update_s'] / gpu[0]:.1f}% -> "
+                f"{100 * update_flops(a) / a['update_s'] / gpu[0]:.1f}%")
     add("update: vision patches encoded", b["update_patches"], a["update_patches"], "{:,}")
     add("update: attention calls", b["sdpa_update"], a["sdpa_update"], "{:,}")
     add("update: kernel launches" if DEVICE.type == "cuda" else "update: ATen op calls",
@@ -702,6 +715,73 @@ def shape_table(shape):
               + (f" {bound or ''} |" if gpu else ""))
 
 
+# ---- section 11's measured figures: decode and prefill of the whole model, at the rows a
+#      call holds (the projection of the recipe's step, projection_table, uses them) ----
+
+# two image sides per shape: prompts of about 1,000 and 2,000 tokens on the 7B (ViRL39K's
+# are mostly 500-1,000: BENCHMARKS.md), 100 and 300 on the small shape
+PROJECTION_SIDES = {"7b": (868, 1232), "small": (224, 448)}
+
+
+def child_project(shape):
+    """Decode ms a step of a random `shape` Qwen2.5-VL with every decoder layer, in the bf16 of
+    the sampling copy (fp32 on a CPU), each prompt prefilled once for its G samples as train.py
+    samples: at the rows a call holds (the 7B plan on this GPU, at the shorter prompts; 64 on
+    a CPU), at an eighth of them, and at the longer prompts; and the prefill's seconds."""
+    import tiny
+    from test_vgpo import qwen25_vl_7b_config
+    spec = SHAPES[shape]
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    sides = PROJECTION_SIDES[shape]
+    model, _ = shape_model(shape, spec["text"]["num_hidden_layers"], dtype=dtype)
+    tokenizer = shape_processor(sides[0]).tokenizer
+    models.speed_up_vision(model, "sdpa")
+    out = dict(text_params=sum(p.numel() for p in model.model.language_model.layers.parameters()),
+               lm_head=model.lm_head.weight.numel(),
+               vision_params=sum(p.numel() for p in model.model.visual.parameters()), points=[])
+    # min_new_tokens: no row stops early, so a call of n new tokens makes exactly n steps
+    n = spec["new_tokens"] // 2
+    settings = dict(rollout.sampling_settings(1.0, 1.0), pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=[tokenizer.eos_token_id])
+
+    def prompts(side, count):
+        """`count` distinct colour-task prompts, their images `side` pixels square."""
+        examples = [tiny.colour_example(1, i) for i in range(count)]
+        for ex in examples:
+            ex["images"] = [im.resize((side, side)) for im in ex["images"]]
+        return rollout.to_device(rollout.encode_prompts(shape_processor(side), examples, "")[0], DEVICE)
+
+    def call(batch, tokens):
+        repeats = torch.full((len(batch["input_ids"]),), G)
+        with torch.no_grad(), rollout.autocast(DEVICE):
+            decode.generate(model, batch, tokens, dict(settings, min_new_tokens=min(n, tokens)), "dynamic",
+                            repeats, 0)
+    length = int(prompts(sides[0], 1)["attention_mask"].sum())
+    rows = 64
+    if DEVICE.type == "cuda" and shape == "7b":
+        # the rows train.py's plan gives a call of these prompts on this GPU, 8 ranks, paper7b
+        preset = __import__("train").parse_args(["--preset", "paper7b"])
+        n_7b = sum(p.numel() for p in model.parameters())
+        capacity = torch.cuda.get_device_properties(DEVICE).total_memory
+        plan = models.memory_plan(qwen25_vl_7b_config(), n_7b, n_7b, preset, 8, capacity)
+        rows = plan["budget"].rows(length, preset.max_new_tokens)
+    out["rows"] = rows = max(G, rows // G * G)                    # whole groups
+    for side, count in ((sides[0], rows // G), (sides[0], max(1, rows // G // 8)), (sides[1], rows // G)):
+        batch = prompts(side, count)
+        call(batch, 2)                                             # warm-up
+        # decode ms a step = (n tokens - 1 token) / (n - 1): the prefill cancels out
+        t0 = synced()
+        call(batch, 1)
+        prefill = synced() - t0
+        t0 = synced()
+        call(batch, n)
+        total = synced() - t0
+        out["points"].append(dict(rows=count * G, prompt_len=int(batch["attention_mask"].sum(1).max()),
+                                  new_tokens=n, prefill_s=prefill, ms=1e3 * (total - prefill) / (n - 1),
+                                  peak=peak_memory()))
+    return out
+
+
 # a child runs its one case and exits here, before any of the parent's sections below
 if args.child:
     kind, *rest = args.child.split(":")
@@ -715,7 +795,8 @@ if args.child:
               child_fsdp_generate(rest[0]) if kind == "fsdpgen" else
               child_shared_prefill(*rest) if kind == "prefill" else
               child_segments(*rest) if kind == "segments" else
-              child_compile(*rest) if kind == "compile" else child_logp(int(rest[0])))
+              child_compile(*rest) if kind == "compile" else
+              child_project(rest[0]) if kind == "project" else child_logp(int(rest[0])))
     print(json.dumps(result))
     sys.exit(0)
 
@@ -1209,10 +1290,11 @@ def pooled_sampling(world, batch, rate, max_tries, rng, mini_batches=4):
     every world-th from the r-th, all of them; the ranks' informative groups pool, and
     parallel.fair_shares gives the shortfall to the ranks holding the fewest (each rank's
     first in stream order). Returns the counts of lock_step_sampling, plus the most groups
-    one rank holds in one of the update's mini-batches (cut in stream order)."""
+    one rank holds in one of the update's mini-batches (cut in stream order), and the prompts
+    each round drew."""
     import train
 
-    held, drawn, rounds, busiest, kept = [0] * world, 0, 0, 0, []
+    held, drawn, rounds, busiest, kept, sizes = [0] * world, 0, 0, 0, [], []
     while sum(held) < batch and rounds < max_tries:
         rounds += 1
         # the same functions train.py calls: how many to draw, and which of them to keep
@@ -1224,13 +1306,14 @@ def pooled_sampling(world, batch, rate, max_tries, rng, mini_batches=4):
         kept += [(pos, r) for r in range(world) for pos in found[r][:take[r]]]
         held = [h + t for h, t in zip(held, take)]
         drawn += n
+        sizes.append(n)
         busiest += -(-n // world)                   # the ranks with one prompt more
     # the update's mini-batches: the kept groups in stream order, cut into equal parts
     order = [r for _, r in sorted(kept)]
     parts = [order[k * len(order) // mini_batches:(k + 1) * len(order) // mini_batches]
              for k in range(mini_batches)]
     most = max(part.count(r) for part in parts for r in range(world))
-    return rounds, drawn, drawn, sum(held), busiest, max(held), most
+    return rounds, drawn, drawn, sum(held), busiest, max(held), most, sizes
 
 
 def assumed_lengths(rng, spread):
@@ -1247,7 +1330,8 @@ def assumed_lengths(rng, spread):
 def padding_table(preset, budget, rng, samples=200):
     """The padded share of the update's tokens, before (micro-batches cut in stream order)
     and after (models.micro_batches: longest first), on one rank's part of a mini-batch;
-    and the share of a generate() call's decode row-steps spent on rows already finished."""
+    and the share of a generate() call's decode row-steps spent on rows already finished. Returns
+    the padded share after, by spread."""
     groups = preset.mini_batch // 8                    # a rank's groups of a mini-batch on 8 ranks
     # the 7B policy's response lengths are unknown here (no GPU, no hub), so two spreads are
     # assumed and said to be: the figures show what the rule saves under each, not a forecast
@@ -1260,6 +1344,7 @@ def padding_table(preset, budget, rng, samples=200):
     print("|---|---|---|---|---|---|")
     # the preset's micro-batching: --micro_batch rows each (no token budget)
     args = argparse.Namespace(micro_batch=preset.micro_batch, micro_tokens=0)
+    padded = {}                                        # the update's padded share, after, by spread
     for spread in ("uniform", "lognormal"):
         before, after, idle, idle_after = [], [], [], []
         for _ in range(samples):
@@ -1284,7 +1369,12 @@ def padding_table(preset, budget, rng, samples=200):
         rows_a_call = budget.rows(1000, preset.max_new_tokens)
         print(f"| {spread} | {statistics.mean(before):.1%} | {statistics.mean(after):.1%} | "
               f"{statistics.mean(idle):.1%} | {statistics.mean(idle_after):.1%} | {rows_a_call} |")
-    # the same on a CPU, measured: one sampling call of 64 rows, in one segment and in segments
+        padded[spread] = statistics.mean(after)
+    return padded
+
+
+def segments_table():
+    """One sampling call of 64 rows on a CPU, measured: in one segment and in segments."""
     print()
     print("one sampling call, 8 colour-task prompts x 8, sampled, stopping on 2 frequent ids too (CPU, "
           "median of 3):")
@@ -1330,8 +1420,100 @@ def shared_prefill_table(preset, budget, n_params):
               f"{r['after'] / r['before']:.2f} | {'the same' if r['same'] else 'differ'} |")
 
 
-def recipe_table(steps=2000, rate=0.5):
-    """Section 11: print the counts, before and after, for the paper's recipe."""
+def projection_table(rounds, most_mini, padded, preset, rng, spread="lognormal", steps=200):
+    """The projected step of the paper's recipe on 8 GPUs, its arithmetic shown: the rollout
+    of the busiest rank (rounds: the prompts each round drew, per simulated step, from
+    pooled_sampling on 8 ranks) at the decode and prefill times measured here for the rows a
+    call holds, plus the update at the FLOP/s measured for the shape's update step. On a GPU
+    the 7B shape; on a CPU the small one, which exercises the arithmetic and forecasts nothing."""
+    shape = "7b" if DEVICE.type == "cuda" else "small"
+    m, u = run_child(f"project:{shape}"), run_child(f"shape:{shape}:after:vgpo")
+    spec, points, R = SHAPES[shape], m["points"], m["rows"]
+    print()
+    print(f"projected step of the paper's recipe, 8 ranks, from decode, prefill and update measured on "
+          f"{DEVICE.type}" + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else "")
+          + f", shape {shape}" + ("" if shape == "7b" else
+                                  " (a CPU: the arithmetic exercised at a CPU's size, not a GPU forecast)"))
+    print("| rows | prompt tokens | cached tokens a step (mean) | prefill, s | decode, ms a step |")
+    print("|---|---|---|---|---|")
+    # a decode step costs a fixed part (launches, weights read once), a part per row
+    # (sampling, the matmuls' rows) and a part per cached token (the KV cache read, and copied
+    # as the dynamic cache grows): ms = a + b rows + c cached, fit exactly to the 3 points
+    cached = [p["rows"] * (p["prompt_len"] + p["new_tokens"] / 2) for p in points]
+    for p, kv in zip(points, cached):
+        print(f"| {p['rows']} | {p['prompt_len']} | {kv:,.0f} | {p['prefill_s']:.3f} | {p['ms']:.2f} |")
+    a, b, c = torch.linalg.solve(torch.tensor([[1.0, p["rows"], kv] for p, kv in zip(points, cached)],
+                                              dtype=torch.float64),
+                                 torch.tensor([p["ms"] for p in points], dtype=torch.float64)).tolist()
+    print(f"fit: decode ms a step = {a:.3f} + {b:.5f} x rows + {c * 1e3:.5f} x thousand cached tokens"
+          + ("" if min(a, b, c) >= 0 else " (a negative term: the points differ by less than their noise)"))
+    gpu = known_gpu()
+    if gpu:
+        # the bandwidth bound at the plan's rows: bf16 weights of the decoder layers and
+        # lm_head once a step, plus every cached token's K and V (bf16, every layer)
+        t = spec["text"]
+        kv_bytes = 2 * t["num_hidden_layers"] * t["num_key_value_heads"] * 2 * (
+            t["hidden_size"] // t["num_attention_heads"])
+        bound = 1e3 * (2 * (m["text_params"] + m["lm_head"]) + cached[0] * kv_bytes) / gpu[1]
+        print(f"decode at {R} rows: {points[0]['ms']:.2f} ms a step against a {bound:.2f} ms bandwidth bound "
+              f"({100 * bound / points[0]['ms']:.0f}% of it), {1e3 * R / points[0]['ms']:,.0f} tokens/s")
+    # ---- the rollout of the busiest rank: every round's calls, under assumed lengths ----
+    # every prompt as long as the shorter measured ones; prefill seconds a distinct prompt
+    # from the call at R rows (its R / G prompts, each prefilled once)
+    L, prompt_s = points[0]["prompt_len"], points[0]["prefill_s"] / (R // G)
+    totals, calls, decode_steps, row_steps, prefill = [], 0, 0, 0, 0.0
+    for sizes in rounds[:steps]:
+        seconds = 0.0
+        for n in sizes:
+            rows = -(-n // 8) * G                   # the busiest rank's rows this round
+            # the round's calls, R rows each but the last; the whole rollout waits for this rank
+            for start in range(0, rows, R):
+                call = [assumed_lengths(rng, spread) for _ in range(min(R, rows - start))]
+                longest, steps_in = max(call), decode.row_steps(call, decode.SEGMENT)
+                # each row stays for its segments, with L + t tokens cached at step t
+                stays = [min(longest, -(-x // decode.SEGMENT) * decode.SEGMENT) for x in call]
+                kv = sum(s * L + s * (s + 1) / 2 for s in stays)
+                p_s = prompt_s * len(call) / G
+                seconds += p_s + (a * longest + b * steps_in + c * kv) / 1e3
+                calls, decode_steps, row_steps, prefill = calls + 1, decode_steps + longest, \
+                    row_steps + steps_in, prefill + p_s
+        totals.append(seconds)
+    k = len(totals)
+    rollout_s = statistics.mean(totals)
+    print(f"rollout, the busiest rank, mean of {k} simulated steps ({spread} response lengths, assumed): "
+          f"{calls / k:.2f} calls of at most {R} rows, each prefill {prefill / calls:.2f} s + decode "
+          f"{decode_steps / calls:,.0f} steps and {row_steps / calls:,.0f} row-steps in segments of "
+          f"{decode.SEGMENT} = {rollout_s:.0f} s a step")
+    # ---- the update: the busiest rank's share of each mini-batch, at the measured FLOP/s ----
+    # under FSDP every rank runs as many micro-batches as the busiest, so its rows set the
+    # time; the tokens are padded as models.micro_batches pads them (padding_table)
+    mean_len = statistics.mean(assumed_lengths(rng, spread) for _ in range(20000))
+    rows_u = most_mini * 4 * G
+    tokens = rows_u * (L + mean_len) / (1 - padded)
+    response = rows_u * mean_len / (1 - padded)
+    patches = (PROJECTION_SIDES[shape][0] // 14) ** 2 * rows_u / G
+    # the model FLOPs of update_flops, at the FLOP/s the shape's own update step reached
+    # (short sequences, fewer layers: a conservative rate for the recipe's long ones)
+    flops = 8 * (m["text_params"] * tokens + m["lm_head"] * response + m["vision_params"] * patches)
+    rate = update_flops(u) / u["update_s"]
+    update_s = flops / rate
+    print(f"update: the most groups one rank holds in a mini-batch, {most_mini:.1f}, x 4 mini-batches x "
+          f"{G} = {rows_u:.0f} rows x ({L} prompt + {mean_len:.0f} response tokens) / (1 - {padded:.1%} "
+          f"padded) = {tokens:,.0f} tokens;"
+          f" 8 x {m['text_params']:.3g} parameters x tokens (+ lm_head, vision) = {flops:.3g} FLOPs at "
+          f"{rate:.3g} FLOP/s (the shape's {spec['update_layers']}-layer update step) = {update_s:.0f} s")
+    total = rollout_s + update_s
+    # what the projection leaves out, said so: each is small next to the two parts on one
+    # node, or amortised over steps, but none of it is measured here
+    print(f"projected step: {rollout_s:.0f} s + {update_s:.0f} s = {total / 60:.1f} min; not counted: "
+          f"grading, the weight gathers, FSDP's communication, validation every {preset.val_every} steps, "
+          f"checkpoints")
+
+
+def recipe_table(steps=2000, rate=0.5, only_projection=False):
+    """Section 11: print the counts, before and after, for the paper's recipe, and the step
+    they project; only_projection: the sampling, rows and padding counts and the projection,
+    without the CPU measurements that do not feed it."""
     import tiny
     import train
     from test_vgpo import qwen25_vl_7b_config
@@ -1350,6 +1532,8 @@ def recipe_table(steps=2000, rate=0.5):
             # the same random draws for both rules: the difference is the rule's, not the luck's
             rng = random.Random(0)
             runs = [rule(world, batch, rate, tries, rng) for _ in range(steps)]
+            if world == 8 and rule is pooled_sampling:
+                pooled = runs                        # the projection's rounds, below
             # means over the simulated steps, one per column of the rule's result
             rounds, drawn, sampled, kept, busiest, most, most_mini = (statistics.mean(r[k] for r in runs)
                                                                       for k in range(7))
@@ -1374,10 +1558,15 @@ def recipe_table(steps=2000, rate=0.5):
     for length in (512, 1024, 2048, 4096):
         print(f"| {length} | 32 | {budget.rows(length, preset.max_new_tokens)} |")
 
+    # the update's padding and the decode steps of finished rows, under assumed lengths
+    padded = padding_table(preset, budget, random.Random(0))
+    if only_projection:
+        projection_table([r[7] for r in pooled], statistics.mean(r[6] for r in pooled), padded["lognormal"],
+                         preset, random.Random(1))
+        return
     # what sharing a group's prefill adds to the rows a call holds, and its time on a CPU
     shared_prefill_table(preset, budget, n_params)
-    # the update's padding and the decode steps of finished rows, under assumed lengths
-    padding_table(preset, budget, random.Random(0))
+    segments_table()
 
     # FSDP hook calls per decoding step: generate through the FSDP units vs the hook-free twin
     r = run_child("fsdpgen:tiny")
@@ -1423,6 +1612,10 @@ def recipe_table(steps=2000, rate=0.5):
         print(f"| {label} | {mb(ranks[0]['peak'])} | {mb(ranks[1]['peak'])} | "
               f"{mb(ranks[1]['peak'] - ranks[1]['start'])} |")
 
+    # the step time those counts give, from decode, prefill and update measured here
+    projection_table([r[7] for r in pooled], statistics.mean(r[6] for r in pooled), padded["lognormal"],
+                     preset, random.Random(1))
+
 
 if args.shape:
     shape_table(args.shape)
@@ -1430,7 +1623,7 @@ if args.shape:
 
 
 if args.recipe:
-    recipe_table()
+    recipe_table(only_projection=args.recipe == "projection")
     sys.exit(0)
 
 
