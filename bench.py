@@ -760,7 +760,8 @@ def child_project(shape):
     rows = 64
     if DEVICE.type == "cuda" and shape == "7b":
         # the rows train.py's plan gives a call of these prompts on this GPU, 8 ranks, paper7b
-        preset = __import__("train").parse_args(["--preset", "paper7b"])
+        import train
+        preset = train.parse_args(["--preset", "paper7b"])
         n_7b = sum(p.numel() for p in model.parameters())
         capacity = torch.cuda.get_device_properties(DEVICE).total_memory
         plan = models.memory_plan(qwen25_vl_7b_config(), n_7b, n_7b, preset, 8, capacity)
