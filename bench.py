@@ -733,16 +733,22 @@ def child_project(shape):
     spec = SHAPES[shape]
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     sides = PROJECTION_SIDES[shape]
+    import train
+    preset = train.parse_args(["--preset", "paper7b"])
     model, _ = shape_model(shape, spec["text"]["num_hidden_layers"], dtype=dtype)
-    tokenizer = shape_processor(sides[0]).tokenizer
+    processor = shape_processor(sides[0])
     models.speed_up_vision(model, "sdpa")
     out = dict(text_params=sum(p.numel() for p in model.model.language_model.layers.parameters()),
                lm_head=model.lm_head.weight.numel(),
                vision_params=sum(p.numel() for p in model.model.visual.parameters()), points=[])
-    # min_new_tokens: no row stops early, so a call of n new tokens makes exactly n steps
+    # min_new_tokens: no row stops early, so a call of n new tokens makes exactly n steps;
+    # the rest as rollout.generate samples for the preset (top-p 0.99 sorts every row's
+    # logits a step, and the suppressed ids are masked)
     n = spec["new_tokens"] // 2
-    settings = dict(rollout.sampling_settings(1.0, 1.0), pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=[tokenizer.eos_token_id])
+    settings = dict(rollout.sampling_settings(preset.temperature, preset.top_p),
+                    pad_token_id=processor.tokenizer.pad_token_id,
+                    eos_token_id=rollout.eos_ids(model, processor),
+                    suppress_tokens=rollout.suppressed_ids(model, processor))
 
     def prompts(side, count):
         """`count` distinct colour-task prompts, their images `side` pixels square."""
@@ -760,8 +766,6 @@ def child_project(shape):
     rows = 64
     if DEVICE.type == "cuda" and shape == "7b":
         # the rows train.py's plan gives a call of these prompts on this GPU, 8 ranks, paper7b
-        import train
-        preset = train.parse_args(["--preset", "paper7b"])
         n_7b = sum(p.numel() for p in model.parameters())
         capacity = torch.cuda.get_device_properties(DEVICE).total_memory
         plan = models.memory_plan(qwen25_vl_7b_config(), n_7b, n_7b, preset, 8, capacity)
@@ -770,13 +774,16 @@ def child_project(shape):
     for side, count in ((sides[0], rows // G), (sides[0], max(1, rows // G // 8)), (sides[1], rows // G)):
         batch = prompts(side, count)
         call(batch, 2)                                             # warm-up
+
+        def seconds(tokens):                                       # the median of 3 calls
+            times = []
+            for _ in range(3):
+                t0 = synced()
+                call(batch, tokens)
+                times.append(synced() - t0)
+            return statistics.median(times)
         # decode ms a step = (n tokens - 1 token) / (n - 1): the prefill cancels out
-        t0 = synced()
-        call(batch, 1)
-        prefill = synced() - t0
-        t0 = synced()
-        call(batch, n)
-        total = synced() - t0
+        prefill, total = seconds(1), seconds(n)
         out["points"].append(dict(rows=count * G, prompt_len=int(batch["attention_mask"].sum(1).max()),
                                   new_tokens=n, prefill_s=prefill, ms=1e3 * (total - prefill) / (n - 1),
                                   peak=peak_memory()))
@@ -1291,8 +1298,8 @@ def pooled_sampling(world, batch, rate, max_tries, rng, mini_batches=4):
     every world-th from the r-th, all of them; the ranks' informative groups pool, and
     parallel.fair_shares gives the shortfall to the ranks holding the fewest (each rank's
     first in stream order). Returns the counts of lock_step_sampling, plus the most groups
-    one rank holds in one of the update's mini-batches (cut in stream order), and the prompts
-    each round drew."""
+    one rank holds in one of the update's mini-batches (cut in stream order), the prompts
+    each round drew, and the groups of the busiest rank of each mini-batch, summed."""
     import train
 
     held, drawn, rounds, busiest, kept, sizes = [0] * world, 0, 0, 0, [], []
@@ -1314,7 +1321,9 @@ def pooled_sampling(world, batch, rate, max_tries, rng, mini_batches=4):
     parts = [order[k * len(order) // mini_batches:(k + 1) * len(order) // mini_batches]
              for k in range(mini_batches)]
     most = max(part.count(r) for part in parts for r in range(world))
-    return rounds, drawn, drawn, sum(held), busiest, max(held), most, sizes
+    # under FSDP each mini-batch takes as long as its busiest rank's part: their sum sets the update
+    update = sum(max(part.count(r) for r in range(world)) for part in parts)
+    return rounds, drawn, drawn, sum(held), busiest, max(held), most, sizes, update
 
 
 def assumed_lengths(rng, spread):
@@ -1332,7 +1341,7 @@ def padding_table(preset, budget, rng, samples=200):
     """The padded share of the update's tokens, before (micro-batches cut in stream order)
     and after (models.micro_batches: longest first), on one rank's part of a mini-batch;
     and the share of a generate() call's decode row-steps spent on rows already finished. Returns
-    the padded share after, by spread."""
+    the padded tokens a row after, by spread."""
     groups = preset.mini_batch // 8                    # a rank's groups of a mini-batch on 8 ranks
     # the 7B policy's response lengths are unknown here (no GPU, no hub), so two spreads are
     # assumed and said to be: the figures show what the rule saves under each, not a forecast
@@ -1345,9 +1354,9 @@ def padding_table(preset, budget, rng, samples=200):
     print("|---|---|---|---|---|---|")
     # the preset's micro-batching: --micro_batch rows each (no token budget)
     args = argparse.Namespace(micro_batch=preset.micro_batch, micro_tokens=0)
-    padded = {}                                        # the update's padded share, after, by spread
+    padded = {}                                        # the update's padded tokens a row, after
     for spread in ("uniform", "lognormal"):
-        before, after, idle, idle_after = [], [], [], []
+        before, after, idle, idle_after, pad_rows = [], [], [], [], []
         for _ in range(samples):
             # a group's 8 rows share their prompt's length; each response has its own
             prompts = [p for p in (rng.randint(500, 1000) for _ in range(groups)) for _ in range(8)]
@@ -1362,6 +1371,8 @@ def padding_table(preset, budget, rng, samples=200):
             rows = torch.arange(len(prompts))
             before.append(models.padded_share(roll, list(rows.split(preset.micro_batch))))
             after.append(models.padded_share(roll, models.micro_batches(roll, rows, args)))
+            # the same share as padded tokens a row: share / (1 - share) of its real tokens
+            pad_rows.append(after[-1] / (1 - after[-1]) * (sum(prompts) + sum(responses)) / len(prompts))
             # a generate() call runs until its longest row is done; the others ride along
             call = [assumed_lengths(rng, spread) for _ in range(budget.rows(1000, preset.max_new_tokens))]
             idle.append(1 - sum(call) / decode.row_steps(call, 0))
@@ -1370,7 +1381,7 @@ def padding_table(preset, budget, rng, samples=200):
         rows_a_call = budget.rows(1000, preset.max_new_tokens)
         print(f"| {spread} | {statistics.mean(before):.1%} | {statistics.mean(after):.1%} | "
               f"{statistics.mean(idle):.1%} | {statistics.mean(idle_after):.1%} | {rows_a_call} |")
-        padded[spread] = statistics.mean(after)
+        padded[spread] = statistics.mean(pad_rows)
     return padded
 
 
@@ -1421,12 +1432,13 @@ def shared_prefill_table(preset, budget, n_params):
               f"{r['after'] / r['before']:.2f} | {'the same' if r['same'] else 'differ'} |")
 
 
-def projection_table(rounds, most_mini, padded, preset, rng, spread="lognormal", steps=200):
+def projection_table(pooled, pad_per_row, preset, rng, spread="lognormal", steps=200):
     """The projected step of the paper's recipe on 8 GPUs, its arithmetic shown: the rollout
-    of the busiest rank (rounds: the prompts each round drew, per simulated step, from
+    of the busiest rank (the prompts each round drew, per simulated step of `pooled`:
     pooled_sampling on 8 ranks) at the decode and prefill times measured here for the rows a
-    call holds, plus the update at the FLOP/s measured for the shape's update step. On a GPU
-    the 7B shape; on a CPU the small one, which exercises the arithmetic and forecasts nothing."""
+    call holds, plus the update at the FLOP/s measured for the shape's update step, its rows
+    padded by pad_per_row tokens (padding_table). On a GPU the 7B shape; on a CPU the small
+    one, which exercises the arithmetic and forecasts nothing."""
     shape = "7b" if DEVICE.type == "cuda" else "small"
     m, u = run_child(f"project:{shape}"), run_child(f"shape:{shape}:after:vgpo")
     spec, points, R = SHAPES[shape], m["points"], m["rows"]
@@ -1457,13 +1469,15 @@ def projection_table(rounds, most_mini, padded, preset, rng, spread="lognormal",
             t["hidden_size"] // t["num_attention_heads"])
         bound = 1e3 * (2 * (m["text_params"] + m["lm_head"]) + cached[0] * kv_bytes) / gpu[1]
         print(f"decode at {R} rows: {points[0]['ms']:.2f} ms a step against a {bound:.2f} ms bandwidth bound "
-              f"({100 * bound / points[0]['ms']:.0f}% of it), {1e3 * R / points[0]['ms']:,.0f} tokens/s")
+              f"(weights and KV cache read once a step): at "
+              f"{100 * bound / points[0]['ms']:.0f}% of the bound's speed, "
+              f"{1e3 * R / points[0]['ms']:,.0f} tokens/s")
     # ---- the rollout of the busiest rank: every round's calls, under assumed lengths ----
     # every prompt as long as the shorter measured ones; prefill seconds a distinct prompt
     # from the call at R rows (its R / G prompts, each prefilled once)
     L, prompt_s = points[0]["prompt_len"], points[0]["prefill_s"] / (R // G)
     totals, calls, decode_steps, row_steps, prefill = [], 0, 0, 0, 0.0
-    for sizes in rounds[:steps]:
+    for sizes in [r[7] for r in pooled[:steps]]:
         seconds = 0.0
         for n in sizes:
             rows = -(-n // 8) * G                   # the busiest rank's rows this round
@@ -1482,33 +1496,38 @@ def projection_table(rounds, most_mini, padded, preset, rng, spread="lognormal",
     k = len(totals)
     rollout_s = statistics.mean(totals)
     print(f"rollout, the busiest rank, mean of {k} simulated steps ({spread} response lengths, assumed): "
-          f"{calls / k:.2f} calls of at most {R} rows, each prefill {prefill / calls:.2f} s + decode "
-          f"{decode_steps / calls:,.0f} steps and {row_steps / calls:,.0f} row-steps in segments of "
-          f"{decode.SEGMENT} = {rollout_s:.0f} s a step")
+          f"{calls / k:.2f} calls of at most {R} rows a step; a call: prefill {prefill / calls:.2f} s, "
+          f"decode {decode_steps / calls:,.0f} steps and {row_steps / calls:,.0f} row-steps in segments of "
+          f"{decode.SEGMENT}; in all {rollout_s:.0f} s a step")
     # ---- the update: the busiest rank's share of each mini-batch, at the measured FLOP/s ----
-    # under FSDP every rank runs as many micro-batches as the busiest, so its rows set the
-    # time; the tokens are padded as models.micro_batches pads them (padding_table)
+    # each rank scores the groups it holds (2 FLOPs a parameter and token); under FSDP every
+    # rank runs as many micro-batches as the busiest, so each mini-batch's busiest part sets
+    # the update (6 FLOPs); rows are padded as models.micro_batches pads them (padding_table)
     mean_len = statistics.mean(assumed_lengths(rng, spread) for _ in range(20000))
-    rows_u = most_mini * 4 * G
-    tokens = rows_u * (L + mean_len) / (1 - padded)
-    response = rows_u * mean_len / (1 - padded)
-    patches = (PROJECTION_SIDES[shape][0] // 14) ** 2 * rows_u / G
-    # the model FLOPs of update_flops, at the FLOP/s the shape's own update step reached
-    # (short sequences, fewer layers: a conservative rate for the recipe's long ones)
-    flops = 8 * (m["text_params"] * tokens + m["lm_head"] * response + m["vision_params"] * patches)
+    scored = G * statistics.mean(r[5] for r in pooled)
+    updated = G * statistics.mean(r[8] for r in pooled)
+    row = L + mean_len + pad_per_row                        # tokens a row, padding included
+    # each image goes through the vision tower once a micro-batch that holds its rows
+    passes = -(-G // preset.micro_batch)
+    patches = (PROJECTION_SIDES[shape][0] // 14) ** 2 / G   # a row's share of its group's image
+    flops = ((2 * scored + 6 * updated) * (m["text_params"] * row + m["lm_head"] * (mean_len + pad_per_row))
+             + (2 * scored + 6 * passes * updated) * m["vision_params"] * patches)
+    # at the FLOP/s the shape's own update step reached (update_flops; short sequences and
+    # fewer layers: a conservative rate for the recipe's long ones)
     rate = update_flops(u) / u["update_s"]
     update_s = flops / rate
-    print(f"update: the most groups one rank holds in a mini-batch, {most_mini:.1f}, x 4 mini-batches x "
-          f"{G} = {rows_u:.0f} rows x ({L} prompt + {mean_len:.0f} response tokens) / (1 - {padded:.1%} "
-          f"padded) = {tokens:,.0f} tokens;"
-          f" 8 x {m['text_params']:.3g} parameters x tokens (+ lm_head, vision) = {flops:.3g} FLOPs at "
+    print(f"update: the busiest rank scores {scored:.0f} rows (the groups it holds x {G}) and updates "
+          f"{updated:.0f} (each mini-batch's busiest rank, summed), each {L} prompt + {mean_len:.0f} "
+          f"response + {pad_per_row:.0f} padded tokens: (2 x {scored:.0f} + 6 x {updated:.0f}) x "
+          f"{m['text_params']:.3g} parameters x {row:.0f} tokens (+ lm_head, vision) = {flops:.3g} FLOPs at "
           f"{rate:.3g} FLOP/s (the shape's {spec['update_layers']}-layer update step) = {update_s:.0f} s")
     total = rollout_s + update_s
     # what the projection leaves out, said so: each is small next to the two parts on one
     # node, or amortised over steps, but none of it is measured here
     print(f"projected step: {rollout_s:.0f} s + {update_s:.0f} s = {total / 60:.1f} min; not counted: "
-          f"grading, the weight gathers, FSDP's communication, validation every {preset.val_every} steps, "
-          f"checkpoints")
+          f"grading, the weight gathers, FSDP's communication, the segments' restarts, prompts of unlike "
+          f"lengths in a call, ranks waiting on a slower one in a round, validation every {preset.val_every} "
+          f"steps, checkpoints")
 
 
 def recipe_table(steps=2000, rate=0.5, only_projection=False):
@@ -1561,10 +1580,10 @@ def recipe_table(steps=2000, rate=0.5, only_projection=False):
 
     # the update's padding and the decode steps of finished rows, under assumed lengths
     padded = padding_table(preset, budget, random.Random(0))
+    # the step time those counts give, from decode, prefill and update measured here
+    project = lambda: projection_table(pooled, padded["lognormal"], preset, random.Random(1))
     if only_projection:
-        projection_table([r[7] for r in pooled], statistics.mean(r[6] for r in pooled), padded["lognormal"],
-                         preset, random.Random(1))
-        return
+        return project()
     # what sharing a group's prefill adds to the rows a call holds, and its time on a CPU
     shared_prefill_table(preset, budget, n_params)
     segments_table()
@@ -1613,9 +1632,7 @@ def recipe_table(steps=2000, rate=0.5, only_projection=False):
         print(f"| {label} | {mb(ranks[0]['peak'])} | {mb(ranks[1]['peak'])} | "
               f"{mb(ranks[1]['peak'] - ranks[1]['start'])} |")
 
-    # the step time those counts give, from decode, prefill and update measured here
-    projection_table([r[7] for r in pooled], statistics.mean(r[6] for r in pooled), padded["lognormal"],
-                     preset, random.Random(1))
+    project()
 
 
 if args.shape:
