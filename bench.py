@@ -46,7 +46,10 @@ Sections 3-5 (each case in a fresh child process, so its peak memory is its own)
    call (the memory plan of the 7B shape on 80 GB), FSDP hook calls per decoded token, and
    peak CPU memory per rank while loading a mid-size model under --fsdp on 2 CPU ranks; and
    the prefill shared by a group, decoding in segments, the update's padding and whether
-   --decode_cache static compiles once per shape, before and after.
+   --decode_cache static compiles once per shape, before and after. Last, the step those
+   counts project on 8 GPUs, from decode ms a step measured at the plan's rows, the prefill
+   and the update's FLOP/s (on a GPU the 7B shape; on a CPU a small one, which only
+   exercises the arithmetic). --recipe projection: only the tables the projection uses.
 Peak memory is the process's peak resident set (CPU) or peak allocated memory (GPU).
 Record the figures in BENCHMARKS.md with the machine and the command.
 """
