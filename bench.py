@@ -1525,8 +1525,8 @@ def projection_table(pooled, pad_per_row, preset, rng, spread="lognormal", steps
           f"{m['text_params']:.3g} parameters x {row:.0f} tokens (+ lm_head, vision) = {flops:.3g} FLOPs at "
           f"{rate:.3g} FLOP/s (the shape's {spec['update_layers']}-layer update step) = {update_s:.0f} s")
     total = rollout_s + update_s
-    # what the projection leaves out, said so: each is small next to the two parts on one
-    # node, or amortised over steps, but none of it is measured here
+    # what the projection leaves out, said so: none of it is measured here (validation, every
+    # 5 steps over the whole validation set at 2,048 greedy tokens, may not be small)
     print(f"projected step: {rollout_s:.0f} s + {update_s:.0f} s = {total / 60:.1f} min; not counted: "
           f"grading, the weight gathers, FSDP's communication, the segments' restarts, prompts of unlike "
           f"lengths in a call, ranks waiting on a slower one in a round, validation every {preset.val_every} "
