@@ -724,6 +724,7 @@ def shape_table(shape):
 # two image sides per shape: prompts of about 1,000 and 2,000 tokens on the 7B (ViRL39K's
 # are mostly 500-1,000: BENCHMARKS.md), 100 and 300 on the small shape
 PROJECTION_SIDES = {"7b": (868, 1232), "small": (224, 448)}
+VAL_PROMPTS = 2000                  # PAPO_MMK12_test, the preset's validation set (VGPO.md)
 
 
 def child_project(shape):
@@ -773,6 +774,11 @@ def child_project(shape):
         capacity = torch.cuda.get_device_properties(DEVICE).total_memory
         plan = models.memory_plan(qwen25_vl_7b_config(), n_7b, n_7b, preset, 8, capacity)
         rows = plan["budget"].rows(length, preset.max_new_tokens)
+        # validation's calls, as train.validate sizes them: every row its own prompt
+        b = plan["budget"]
+        out["val_rows"] = models.GenerationBudget(b.room, b.kv, b.prefill, preset.val_batch).rows(
+            length, preset.val_max_new_tokens)
+    out.setdefault("val_rows", rows)
     out["rows"] = rows = max(G, rows // G * G)                    # whole groups
     for side, count in ((sides[0], rows // G), (sides[0], max(1, rows // G // 8)), (sides[1], rows // G)):
         batch = prompts(side, count)
@@ -1439,9 +1445,9 @@ def projection_table(pooled, pad_per_row, preset, rng, spread="lognormal", steps
     """The projected step of the paper's recipe on 8 GPUs, its arithmetic shown: the rollout
     of the busiest rank (the prompts each round drew, per simulated step of `pooled`:
     pooled_sampling on 8 ranks) at the decode and prefill times measured here for the rows a
-    call holds, plus the update at the FLOP/s measured for the shape's update step, its rows
-    padded by pad_per_row tokens (padding_table). On a GPU the 7B shape; on a CPU the small
-    one, which exercises the arithmetic and forecasts nothing."""
+    call holds, plus validation's share of a step, plus the update at the FLOP/s measured for
+    the shape's update step, its rows padded by pad_per_row tokens (padding_table). On a GPU
+    the 7B shape; on a CPU the small one, which exercises the arithmetic and forecasts nothing."""
     shape = "7b" if DEVICE.type == "cuda" else "small"
     m, u = run_child(f"project:{shape}"), run_child(f"shape:{shape}:after:vgpo")
     spec, points, R = SHAPES[shape], m["points"], m["rows"]
@@ -1498,10 +1504,25 @@ def projection_table(pooled, pad_per_row, preset, rng, spread="lognormal", steps
         totals.append(seconds)
     k = len(totals)
     rollout_s = statistics.mean(totals)
+    # validation every --val_every steps: PAPO_MMK12_test's 2,000 prompts (VGPO.md), a rank's
+    # every 8th, greedy, each row its own prompt (prefilled alone), decoded in segments too
+    val_rows, val_calls = -(-VAL_PROMPTS // 8), 0
+    val_s = 0.0
+    for _ in range(20):
+        for start in range(0, val_rows, m["val_rows"]):
+            call = [assumed_lengths(rng, spread) for _ in range(min(m["val_rows"], val_rows - start))]
+            stays = [min(max(call), -(-x // decode.SEGMENT) * decode.SEGMENT) for x in call]
+            val_s += (prompt_s * len(call) + (a * max(call) + b * sum(stays)
+                                              + c * sum(s * L + s * (s + 1) / 2 for s in stays)) / 1e3) / 20
+            val_calls += 1
+    val_step = val_s / preset.val_every
     print(f"rollout, the busiest rank, mean of {k} simulated steps ({spread} response lengths, assumed): "
           f"{calls / k:.2f} calls of at most {R} rows a step; a call: prefill {prefill / calls:.2f} s, "
           f"decode {decode_steps / calls:,.0f} steps and {row_steps / calls:,.0f} row-steps in segments of "
           f"{decode.SEGMENT}; in all {rollout_s:.0f} s a step")
+    print(f"validation: {VAL_PROMPTS:,} prompts / 8 ranks = {val_rows} rows a rank in {val_calls / 20:.0f} "
+          f"call(s) of at most {m['val_rows']} rows, {val_s:.0f} s every {preset.val_every} steps = "
+          f"{val_step:.0f} s a step")
     # ---- the update: the busiest rank's share of each mini-batch, at the measured FLOP/s ----
     # each rank scores the groups it holds (2 FLOPs a parameter and token); under FSDP every
     # rank runs as many micro-batches as the busiest, so each mini-batch's busiest part sets
@@ -1524,13 +1545,11 @@ def projection_table(pooled, pad_per_row, preset, rng, spread="lognormal", steps
           f"response + {pad_per_row:.0f} padded tokens: (2 x {scored:.0f} + 6 x {updated:.0f}) x "
           f"{m['text_params']:.3g} parameters x {row:.0f} tokens (+ lm_head, vision) = {flops:.3g} FLOPs at "
           f"{rate:.3g} FLOP/s (the shape's {spec['update_layers']}-layer update step) = {update_s:.0f} s")
-    total = rollout_s + update_s
-    # what the projection leaves out, said so: none of it is measured here (validation, every
-    # 5 steps over the whole validation set at 2,048 greedy tokens, may not be small)
-    print(f"projected step: {rollout_s:.0f} s + {update_s:.0f} s = {total / 60:.1f} min; not counted: "
-          f"grading, the weight gathers, FSDP's communication, the segments' restarts, prompts of unlike "
-          f"lengths in a call, ranks waiting on a slower one in a round, validation every {preset.val_every} "
-          f"steps, checkpoints")
+    total = rollout_s + val_step + update_s
+    # what the projection leaves out, said so: none of it is measured here
+    print(f"projected step: {rollout_s:.0f} s + {val_step:.0f} s + {update_s:.0f} s = {total / 60:.1f} min; "
+          f"not counted: grading, the weight gathers, FSDP's communication, the segments' restarts, prompts "
+          f"of unlike lengths in a call, ranks waiting on a slower one in a round, checkpoints")
 
 
 def recipe_table(steps=2000, rate=0.5, only_projection=False):
