@@ -1441,6 +1441,49 @@ def shared_prefill_table(preset, budget, n_params):
               f"{r['after'] / r['before']:.2f} | {'the same' if r['same'] else 'differ'} |")
 
 
+def call_seconds(lengths, prompt_len, prompts, prompt_s, fit):
+    """Seconds of one generate() call whose rows write `lengths` tokens, decoded in segments
+    (decode.in_segments): `prompts` prefills of prompt_s seconds, and every decode step at
+    the fit's a + b rows + c cached tokens (ms), each remaining row holding prompt_len + t
+    tokens of cache at step t. Returns (seconds, decode steps, row-steps, prefill seconds)."""
+    a, b, c = fit
+    longest = max(lengths)
+    # each row stays until the end of the segment it ended in (their sum is decode.row_steps)
+    stays = [min(longest, -(-x // decode.SEGMENT) * decode.SEGMENT) for x in lengths]
+    cached = sum(s * prompt_len + s * (s + 1) / 2 for s in stays)
+    prefill = prompt_s * prompts
+    return prefill + (a * longest + b * sum(stays) + c * cached) / 1e3, longest, sum(stays), prefill
+
+
+def projected_update(shape, m, u, pooled, prompt_len, pad_per_row, preset, rng, spread):
+    """The update's seconds in projection_table, its arithmetic printed: the model FLOPs of the
+    busiest rank (m: child_project's parameter counts) at the FLOP/s of the shape's own update
+    step (u: child_shape's)."""
+    L, spec = prompt_len, SHAPES[shape]
+    # each rank scores the groups it holds (2 FLOPs a parameter and token); under FSDP every
+    # rank runs as many micro-batches as the busiest, so each mini-batch's busiest part sets
+    # the update (6 FLOPs); rows are padded as models.micro_batches pads them (padding_table)
+    mean_len = statistics.mean(assumed_lengths(rng, spread) for _ in range(20000))
+    scored = G * statistics.mean(r[5] for r in pooled)
+    updated = G * statistics.mean(r[8] for r in pooled)
+    row = L + mean_len + pad_per_row                        # tokens a row, padding included
+    # each image goes through the vision tower once a micro-batch that holds its rows
+    passes = -(-G // preset.micro_batch)
+    patches = (PROJECTION_SIDES[shape][0] // 14) ** 2 / G   # a row's share of its group's image
+    flops = ((2 * scored + 6 * updated) * (m["text_params"] * row + m["lm_head"] * (mean_len + pad_per_row))
+             + (2 * scored + 6 * passes * updated) * m["vision_params"] * patches)
+    # at the FLOP/s the shape's own update step reached (update_flops; short sequences and
+    # fewer layers: a conservative rate for the recipe's long ones)
+    rate = update_flops(u) / u["update_s"]
+    update_s = flops / rate
+    print(f"update: the busiest rank scores {scored:.0f} rows (the groups it holds x {G}) and updates "
+          f"{updated:.0f} (each mini-batch's busiest rank, summed), each {L} prompt + {mean_len:.0f} "
+          f"response + {pad_per_row:.0f} padded tokens: (2 x {scored:.0f} + 6 x {updated:.0f}) x "
+          f"{m['text_params']:.3g} parameters x {row:.0f} tokens (+ lm_head, vision) = {flops:.3g} FLOPs at "
+          f"{rate:.3g} FLOP/s (the shape's {spec['update_layers']}-layer update step) = {update_s:.0f} s")
+    return update_s
+
+
 def projection_table(pooled, pad_per_row, preset, rng, spread="lognormal", steps=200):
     """The projected step of the paper's recipe on 8 GPUs, its arithmetic shown: the rollout
     of the busiest rank (the prompts each round drew, per simulated step of `pooled`:
@@ -1493,12 +1536,9 @@ def projection_table(pooled, pad_per_row, preset, rng, spread="lognormal", steps
             # the round's calls, R rows each but the last; the whole rollout waits for this rank
             for start in range(0, rows, R):
                 call = [assumed_lengths(rng, spread) for _ in range(min(R, rows - start))]
-                longest, steps_in = max(call), decode.row_steps(call, decode.SEGMENT)
-                # each row stays for its segments, with L + t tokens cached at step t
-                stays = [min(longest, -(-x // decode.SEGMENT) * decode.SEGMENT) for x in call]
-                kv = sum(s * L + s * (s + 1) / 2 for s in stays)
-                p_s = prompt_s * len(call) / G
-                seconds += p_s + (a * longest + b * steps_in + c * kv) / 1e3
+                # a group's G rows share one prefill
+                s, longest, steps_in, p_s = call_seconds(call, L, len(call) / G, prompt_s, (a, b, c))
+                seconds += s
                 calls, decode_steps, row_steps, prefill = calls + 1, decode_steps + longest, \
                     row_steps + steps_in, prefill + p_s
         totals.append(seconds)
@@ -1511,9 +1551,7 @@ def projection_table(pooled, pad_per_row, preset, rng, spread="lognormal", steps
     for _ in range(20):
         for start in range(0, val_rows, m["val_rows"]):
             call = [assumed_lengths(rng, spread) for _ in range(min(m["val_rows"], val_rows - start))]
-            stays = [min(max(call), -(-x // decode.SEGMENT) * decode.SEGMENT) for x in call]
-            val_s += (prompt_s * len(call) + (a * max(call) + b * sum(stays)
-                                              + c * sum(s * L + s * (s + 1) / 2 for s in stays)) / 1e3) / 20
+            val_s += call_seconds(call, L, len(call), prompt_s, (a, b, c))[0] / 20
             val_calls += 1
     val_step = val_s / preset.val_every
     print(f"rollout, the busiest rank, mean of {k} simulated steps ({spread} response lengths, assumed): "
@@ -1523,28 +1561,7 @@ def projection_table(pooled, pad_per_row, preset, rng, spread="lognormal", steps
     print(f"validation: {VAL_PROMPTS:,} prompts / 8 ranks = {val_rows} rows a rank in {val_calls / 20:.0f} "
           f"call(s) of at most {m['val_rows']} rows, {val_s:.0f} s every {preset.val_every} steps = "
           f"{val_step:.0f} s a step")
-    # ---- the update: the busiest rank's share of each mini-batch, at the measured FLOP/s ----
-    # each rank scores the groups it holds (2 FLOPs a parameter and token); under FSDP every
-    # rank runs as many micro-batches as the busiest, so each mini-batch's busiest part sets
-    # the update (6 FLOPs); rows are padded as models.micro_batches pads them (padding_table)
-    mean_len = statistics.mean(assumed_lengths(rng, spread) for _ in range(20000))
-    scored = G * statistics.mean(r[5] for r in pooled)
-    updated = G * statistics.mean(r[8] for r in pooled)
-    row = L + mean_len + pad_per_row                        # tokens a row, padding included
-    # each image goes through the vision tower once a micro-batch that holds its rows
-    passes = -(-G // preset.micro_batch)
-    patches = (PROJECTION_SIDES[shape][0] // 14) ** 2 / G   # a row's share of its group's image
-    flops = ((2 * scored + 6 * updated) * (m["text_params"] * row + m["lm_head"] * (mean_len + pad_per_row))
-             + (2 * scored + 6 * passes * updated) * m["vision_params"] * patches)
-    # at the FLOP/s the shape's own update step reached (update_flops; short sequences and
-    # fewer layers: a conservative rate for the recipe's long ones)
-    rate = update_flops(u) / u["update_s"]
-    update_s = flops / rate
-    print(f"update: the busiest rank scores {scored:.0f} rows (the groups it holds x {G}) and updates "
-          f"{updated:.0f} (each mini-batch's busiest rank, summed), each {L} prompt + {mean_len:.0f} "
-          f"response + {pad_per_row:.0f} padded tokens: (2 x {scored:.0f} + 6 x {updated:.0f}) x "
-          f"{m['text_params']:.3g} parameters x {row:.0f} tokens (+ lm_head, vision) = {flops:.3g} FLOPs at "
-          f"{rate:.3g} FLOP/s (the shape's {spec['update_layers']}-layer update step) = {update_s:.0f} s")
+    update_s = projected_update(shape, m, u, pooled, L, pad_per_row, preset, rng, spread)
     total = rollout_s + val_step + update_s
     # what the projection leaves out, said so: none of it is measured here
     print(f"projected step: {rollout_s:.0f} s + {val_step:.0f} s + {update_s:.0f} s = {total / 60:.1f} min; "
