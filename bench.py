@@ -142,13 +142,20 @@ MODELS = {"tiny": dict(hidden=128, layers=2, vision_hidden=64, vision_depth=2),
           "mid": dict(hidden=1024, layers=8, vision_hidden=256, vision_depth=4)}
 
 
+def bench_model(size, name=None):
+    """The folder of a random tiny-architecture Qwen2.5-VL of MODELS[size] (seed 0), built
+    once in the temp folder (`name` keeps a case's own copy apart)."""
+    import tiny
+    folder = os.path.join(tempfile.gettempdir(), f"vgpo-bench-{name or size}")
+    return tiny.build_tiny_model(folder, seed=0, **MODELS[size])
+
+
 def child_step(size, use_vgpo):
     """Time one training step (score, advantages, update) on a fixed rollout."""
     import tiny
     import train
 
-    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), f"vgpo-bench-{size}"), seed=0,
-                                 **MODELS[size])
+    path = bench_model(size)
     targs = train.parse_args(["--rollout_batch", "16", "--group_size", "8", "--mini_batch", "16",
                               "--micro_batch", "32", "--lr", "1e-5"] + ([] if use_vgpo else ["--no_vgpo"]))
     model, processor, _ = models.load_model(path, targs, DEVICE, fast_vision=targs.fast_vision)
@@ -222,8 +229,7 @@ def child_shared_prefill(size, new_tokens):
     import tiny
     import train
 
-    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), f"vgpo-bench-{size}"), seed=0,
-                                 **MODELS[size])
+    path = bench_model(size)
     targs = train.parse_args([])
     model, processor, _ = models.load_model(path, targs, DEVICE, fast_vision=targs.fast_vision)
     batch, images_per_row = rollout.encode_prompts(processor, [tiny.colour_example(1, i) for i in range(16)],
@@ -265,8 +271,7 @@ def child_segments(size, new_tokens, segment):
     import tiny
     import train
 
-    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), f"vgpo-bench-{size}"), seed=0,
-                                 **MODELS[size])
+    path = bench_model(size)
     model, processor, _ = models.load_model(path, train.parse_args([]), DEVICE)
     model.generation_config.eos_token_id = [processor.tokenizer.eos_token_id, 42, 46]
     batch, _ = rollout.encode_prompts(processor, [tiny.colour_example(2, i) for i in range(8)], "")
@@ -306,8 +311,7 @@ def child_compile(which, port):
     # a one-rank process group, as in child_fsdp_generate
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
-    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), "vgpo-bench-tiny"), seed=0,
-                                 **MODELS["tiny"])
+    path = bench_model("tiny")
     targs = train.parse_args(["--fsdp", "--decode_cache", "static"])
     model, processor, _ = models.load_model(path, targs, DEVICE, move=False, fast_vision=targs.fast_vision)
     # transformers compiles generate's decode step with a static cache on a GPU; its test
@@ -348,8 +352,7 @@ def child_fsdp_generate(size):
     # to, what the ratio measures is the hooks' own cost on every decoding step
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29581", RANK="0", WORLD_SIZE="1")
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
-    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), f"vgpo-bench-{size}"), seed=0,
-                                 **MODELS[size])
+    path = bench_model(size)
     targs = train.parse_args(["--fsdp"])
     model, processor, _ = models.load_model(path, targs, DEVICE, move=False, fast_vision=targs.fast_vision)
     batch, _ = rollout.encode_prompts(processor, [tiny.counting_example(1, i) for i in range(32)], "")
@@ -1573,7 +1576,6 @@ def recipe_table(steps=2000, rate=0.5, only_projection=False):
     """Section 11: print the counts, before and after, for the paper's recipe, and the step
     they project; only_projection: the sampling, rows and padding counts and the projection,
     without the CPU measurements that do not feed it."""
-    import tiny
     import train
     from test_vgpo import qwen25_vl_7b_config
 
@@ -1649,8 +1651,7 @@ def recipe_table(steps=2000, rate=0.5, only_projection=False):
                                           for c in calls) + " |")
 
     # peak CPU memory per rank while loading under --fsdp, 2 CPU ranks
-    path = tiny.build_tiny_model(os.path.join(tempfile.gettempdir(), "vgpo-bench-load"), seed=0,
-                                 **MODELS["mid"])
+    path = bench_model("mid", "load")
     print()
     print("| load under --fsdp, 2 CPU ranks | rank 0 peak | rank 1 peak | rank 1 added by the load |")
     print("|---|---|---|---|")
